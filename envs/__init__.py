@@ -1,0 +1,70 @@
+"""The SAC papers' locomotion tasks, ported from Gymnasium v5 to MuJoCo-MJX.
+
+env = envs.make("Hopper")
+state = jax.jit(env.reset)(jax.random.key(0))
+state = jax.jit(env.step)(state, action)
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+from envs.base import Env, PhysicsOptions, State, scale_action
+from envs.wrappers import AutoReset, TimeLimit, VmapEnv, Wrapper, wrap
+
+_MODULES = {
+    "InvertedPendulum": "envs.inverted_pendulum",
+    "Hopper": "envs.hopper",
+    "Walker2d": "envs.walker2d",
+    "HalfCheetah": "envs.half_cheetah",
+    "Ant": "envs.ant",
+    "Humanoid": "envs.humanoid",
+    "Swimmer": "envs.swimmer",
+}
+NAMES: tuple[str, ...] = tuple(_MODULES)
+PHYSICS_FIELDS = tuple(f for f in PhysicsOptions.__dataclass_fields__)
+
+
+def env_class(name: str) -> type[Env]:
+    """The class of task ``name``; a ``ValueError`` lists the valid names."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown environment {name!r}; valid names: {', '.join(NAMES)}")
+    return getattr(importlib.import_module(_MODULES[name]), name)
+
+
+def check_options(name: str, overrides: dict) -> None:
+    """Refuse unknown task names, unknown options and bad speed options, cheaply."""
+    cls = env_class(name)
+    task_args = set(inspect.signature(cls.__init__).parameters) - {"self", "physics"}
+    unknown = sorted(set(overrides) - task_args - set(PHYSICS_FIELDS))
+    if unknown:
+        valid = ", ".join(sorted(task_args | set(PHYSICS_FIELDS)))
+        raise ValueError(f"{name} has no option {', '.join(unknown)}; valid options: {valid}")
+    PhysicsOptions(**{k: v for k, v in overrides.items() if k in PHYSICS_FIELDS})
+
+
+def make(name: str, **overrides) -> Env:
+    """Build task ``name``. Overrides are Gymnasium's keyword arguments of the same task
+    (e.g. ``ctrl_cost_weight``) or the speed options of :class:`PhysicsOptions`
+    (``solver``, ``iterations``, ``ls_iterations``, ``integrator``, ``cone``)."""
+    check_options(name, overrides)
+    physics = {k: overrides.pop(k) for k in PHYSICS_FIELDS if k in overrides}
+    return env_class(name)(physics=PhysicsOptions(**physics), **overrides)
+
+
+__all__ = [
+    "NAMES",
+    "AutoReset",
+    "Env",
+    "PhysicsOptions",
+    "State",
+    "TimeLimit",
+    "VmapEnv",
+    "Wrapper",
+    "check_options",
+    "env_class",
+    "make",
+    "scale_action",
+    "wrap",
+]

@@ -1,0 +1,317 @@
+"""The environment base: a pure ``(reset, step)`` pair over MuJoCo-MJX.
+
+Each task module subclasses :class:`Env` and supplies only what Gymnasium's v5 class of the
+same name defines: the reset noise, the observation and the reward/termination. Physics,
+frame skip and the solver options live here, once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import io
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import mujoco
+import numpy as np
+from flax import struct
+
+# mujoco.mjx prints a line when its optional Warp backend is missing; we use the JAX one.
+with contextlib.redirect_stdout(io.StringIO()):
+    from mujoco import mjx
+
+from envs.physics import Physics
+
+ASSETS = Path(__file__).parent
+
+
+@struct.dataclass
+class State:
+    """One environment's state. Batched along a leading axis under ``vmap``.
+
+    ``obs`` is what the agent sees next; ``final_obs`` is the observation produced by the
+    last step before any auto-reset, so a learner can bootstrap through a truncation.
+    """
+
+    data: mjx.Data
+    obs: jax.Array
+    reward: jax.Array
+    terminated: jax.Array
+    truncated: jax.Array
+    final_obs: jax.Array
+    steps: jax.Array
+    """Steps taken in the current episode."""
+    key: jax.Array
+    """Randomness for the next auto-reset."""
+    metrics: dict[str, jax.Array]
+    """Per-step reward terms and velocities, named as in Gymnasium's ``info``."""
+
+
+class Solver(enum.Enum):
+    NEWTON = mujoco.mjtSolver.mjSOL_NEWTON
+    CG = mujoco.mjtSolver.mjSOL_CG
+
+
+class Integrator(enum.Enum):
+    EULER = mujoco.mjtIntegrator.mjINT_EULER
+    RK4 = mujoco.mjtIntegrator.mjINT_RK4
+    IMPLICITFAST = mujoco.mjtIntegrator.mjINT_IMPLICITFAST
+
+
+class Cone(enum.Enum):
+    PYRAMIDAL = mujoco.mjtCone.mjCONE_PYRAMIDAL
+    ELLIPTIC = mujoco.mjtCone.mjCONE_ELLIPTIC
+
+
+@dataclasses.dataclass(frozen=True)
+class PhysicsOptions:
+    """Speed options: simulator settings that override the XML's. ``None`` keeps the XML's.
+
+    The XMLs keep MuJoCo's defaults (100 solver iterations, 50 line-search iterations);
+    under ``vmap`` every env pays for the slowest one's iterations, so capping them, or
+    switching RK4 to Euler, buys speed at a fidelity cost that ``docs/ENVIRONMENTS.md``
+    reports as measured by the parity harness.
+    """
+
+    solver: str | None = None
+    """'newton' or 'cg'. PGS (Humanoid's XML) is not available in MJX: Newton replaces it."""
+    iterations: int | None = None
+    """Maximum constraint-solver iterations."""
+    ls_iterations: int | None = None
+    """Maximum line-search iterations of the solver."""
+    integrator: str | None = None
+    """'euler', 'rk4' or 'implicitfast'."""
+    cone: str | None = None
+    """Friction cone: 'pyramidal' or 'elliptic'."""
+    faithful: bool = True
+    """Correct MJX where it departs from C MuJoCo (RK4 on free joints, contact geometry;
+    see ``envs/physics.py``). False runs plain ``mjx.step``."""
+
+    def __post_init__(self):
+        for kind, name in ((Solver, "solver"), (Integrator, "integrator"), (Cone, "cone")):
+            if getattr(self, name) is not None:
+                _enum_value(kind, getattr(self, name), name)
+        for name in ("iterations", "ls_iterations"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.faithful, bool):
+            raise ValueError(f"faithful must be true or false, got {self.faithful!r}")
+
+    def apply(self, model: mujoco.MjModel) -> None:
+        """Write the chosen options into ``model.opt`` (in place)."""
+        opt = model.opt
+        if self.solver is not None:
+            opt.solver = _enum_value(Solver, self.solver, "solver")
+        elif opt.solver == mujoco.mjtSolver.mjSOL_PGS:
+            opt.solver = mujoco.mjtSolver.mjSOL_NEWTON
+        if self.integrator is not None:
+            opt.integrator = _enum_value(Integrator, self.integrator, "integrator")
+        if self.cone is not None:
+            opt.cone = _enum_value(Cone, self.cone, "cone")
+        for name in ("iterations", "ls_iterations"):
+            if getattr(self, name) is not None:
+                setattr(opt, name, getattr(self, name))
+
+
+def add_physics_arguments(parser) -> None:
+    """``--solver``, ``--iterations``, ... for the command-line tools (argparse)."""
+
+    def boolean(text: str) -> bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(text)
+        return text.lower() in ("true", "1")
+
+    kinds = {"iterations": int, "ls_iterations": int, "faithful": boolean}
+    for field in dataclasses.fields(PhysicsOptions):
+        parser.add_argument(
+            f"--{field.name.replace('_', '-')}",
+            dest=field.name,
+            type=kinds.get(field.name, str),
+            help=f"speed/fidelity option (PhysicsOptions.{field.name}); default: the XML's",
+        )
+
+
+def physics_from_arguments(args) -> dict:
+    return {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(PhysicsOptions)
+        if getattr(args, f.name) is not None
+    }
+
+
+def _enum_value(kind: type[enum.Enum], name: str, what: str) -> int:
+    try:
+        return kind[str(name).upper()].value
+    except KeyError:
+        valid = ", ".join(m.name.lower() for m in kind)
+        raise ValueError(f"unknown {what} {name!r}; valid: {valid}") from None
+
+
+class Env:
+    """A Gymnasium v5 MuJoCo task as pure, jittable, vmappable JAX functions.
+
+    Subclasses set ``xml`` and ``frame_skip`` and implement ``_sample_init``,
+    ``_observe`` and ``_reward``. Actions are in the units of the model's control range
+    (``action_low`` .. ``action_high``), exactly as Gymnasium's action space.
+    """
+
+    xml: str
+    frame_skip: int
+    episode_length: int = 1000
+    uses_cfrc_ext: bool = False
+    """Whether the task reads ``cfrc_ext``: only then is ``rne_postconstraint`` run."""
+
+    def __init__(self, physics: PhysicsOptions | None = None, reset_noise_scale: float = 0.0):
+        self.physics = physics or PhysicsOptions()
+        self.reset_noise_scale = float(reset_noise_scale)
+        model = mujoco.MjModel.from_xml_path(str(ASSETS / self.xml))
+        self.physics.apply(model)
+        self.mj_model = model
+        self.mjx_model = mjx.put_model(model, impl="jax")
+        self.sim = Physics(self.mjx_model, self.physics.faithful)
+        # Data straight after mj_resetData: qpos0, zero velocities, zero warmstart.
+        self._data0 = mjx.make_data(self.mjx_model)
+        self.init_qpos = jnp.asarray(model.qpos0)
+        self.init_qvel = jnp.zeros(model.nv, self._data0.qvel.dtype)
+        self.action_low = np.asarray(model.actuator_ctrlrange[:, 0], np.float32)
+        self.action_high = np.asarray(model.actuator_ctrlrange[:, 1], np.float32)
+        shapes = jax.eval_shape(self.reset, jax.random.key(0))
+        self.observation_size = int(shapes.obs.shape[-1])
+        self.metric_names = tuple(shapes.metrics)
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    @property
+    def action_size(self) -> int:
+        return int(self.mj_model.nu)
+
+    @property
+    def dt(self) -> float:
+        """Seconds of simulated time per env step."""
+        return float(self.mj_model.opt.timestep) * self.frame_skip
+
+    # ---- the pure interface -------------------------------------------------------------
+
+    def reset(self, key: jax.Array) -> State:
+        """A fresh episode with Gymnasium's reset noise."""
+        key, init_key = jax.random.split(key)
+        qpos, qvel = self._sample_init(init_key)
+        return self._state_at(qpos, qvel, key)
+
+    def reset_to(self, qpos: jax.Array, qvel: jax.Array, key: jax.Array | None = None) -> State:
+        """The state at the given positions and velocities (like Gymnasium's ``set_state``)."""
+        qpos = jnp.asarray(qpos, self._data0.qpos.dtype)
+        qvel = jnp.asarray(qvel, self._data0.qvel.dtype)
+        if qpos.shape != (self.mj_model.nq,) or qvel.shape != (self.mj_model.nv,):
+            raise ValueError(
+                f"{self.name}: qpos must have shape ({self.mj_model.nq},) and qvel "
+                f"({self.mj_model.nv},), got {qpos.shape} and {qvel.shape}"
+            )
+        return self._state_at(qpos, qvel, jax.random.key(0) if key is None else key)
+
+    def step(self, state: State, action: jax.Array) -> State:
+        """Advance ``frame_skip`` physics steps with ``action`` held, as Gymnasium does."""
+        before = state.data
+        data = before.replace(ctrl=jnp.asarray(action, before.ctrl.dtype))
+        data = jax.lax.fori_loop(0, self.frame_skip, lambda _, d: self.sim.step(d), data)
+        if self.uses_cfrc_ext:
+            data = mjx.rne_postconstraint(self.mjx_model, data)
+        obs = self._observe(data)
+        reward, terminated, metrics = self._reward(before, data, data.ctrl)
+        return state.replace(
+            data=data,
+            obs=obs,
+            final_obs=obs,
+            reward=reward,
+            terminated=terminated,
+            truncated=jnp.zeros_like(terminated),
+            steps=state.steps + 1,
+            metrics=metrics,
+        )
+
+    # ---- task hooks ---------------------------------------------------------------------
+
+    def _sample_init(self, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Default reset noise: uniform on qpos and qvel (most v5 tasks)."""
+        kq, kv = jax.random.split(key)
+        return self.init_qpos + self._uniform(kq, self.init_qpos), self.init_qvel + self._uniform(
+            kv, self.init_qvel
+        )
+
+    def _reset_physics(self, data: mjx.Data) -> mjx.Data:
+        """Compute what the reset observation and the first reward read.
+
+        ``mjx.step`` recomputes everything from qpos, qvel, ctrl and the (zero) warmstart,
+        so a task computes here only what its observation and its ``before`` term need;
+        for most tasks that is nothing. The default runs the full forward pass.
+        """
+        return self.sim.forward(data)
+
+    def _observe(self, data: mjx.Data) -> jax.Array:
+        raise NotImplementedError
+
+    def _reward(
+        self, before: mjx.Data, after: mjx.Data, action: jax.Array
+    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+        """Return ``(reward, terminated, metrics)`` for the transition ``before -> after``."""
+        raise NotImplementedError
+
+    # ---- helpers ------------------------------------------------------------------------
+
+    def _uniform(self, key: jax.Array, like: jax.Array) -> jax.Array:
+        s = self.reset_noise_scale
+        return jax.random.uniform(key, like.shape, like.dtype, -s, s)
+
+    def _normal(self, key: jax.Array, like: jax.Array) -> jax.Array:
+        return self.reset_noise_scale * jax.random.normal(key, like.shape, like.dtype)
+
+    def _state_at(self, qpos: jax.Array, qvel: jax.Array, key: jax.Array) -> State:
+        data = self._reset_physics(self._data0.replace(qpos=qpos, qvel=qvel))
+        # MJX writes normalized quaternions back into qpos; MuJoCo's mj_forward does not,
+        # and Gymnasium's reset observation shows the noisy, unnormalized ones.
+        data = data.replace(qpos=qpos)
+        obs = self._observe(data)
+        _, terminated, metrics = self._reward(data, data, data.ctrl)
+        zero = jnp.zeros((), obs.dtype)
+        return State(
+            data=data,
+            obs=obs,
+            reward=zero,
+            terminated=jnp.zeros_like(terminated),
+            truncated=jnp.zeros_like(terminated),
+            final_obs=obs,
+            steps=jnp.zeros((), jnp.int32),
+            key=key,
+            metrics={k: jnp.zeros_like(v) for k, v in metrics.items()},
+        )
+
+
+def scale_action(env: Env, action: jax.Array) -> jax.Array:
+    """Map a policy's action in [-1, 1] affinely onto ``[env.action_low, env.action_high]``."""
+    low, high = jnp.asarray(env.action_low), jnp.asarray(env.action_high)
+    return low + (action + 1.0) * 0.5 * (high - low)
+
+
+def healthy_between(x: jax.Array, low: float, high: float, inclusive: bool = False) -> jax.Array:
+    """``low < x < high`` (or ``<=``), elementwise, as Gymnasium's health checks write it."""
+    if inclusive:
+        return (low <= x) & (x <= high)
+    return (low < x) & (x < high)
+
+
+def control_cost(weight: float, action: jax.Array) -> jax.Array:
+    return weight * jnp.sum(jnp.square(action))
+
+
+def impl_field(data: mjx.Data, name: str) -> Any:
+    """A field MJX keeps in its backend-specific part of ``Data`` (e.g. ``cfrc_ext``)."""
+    return getattr(data._impl, name)

@@ -1,0 +1,169 @@
+"""Parity harness: our MJX ports against Gymnasium's own v5 environments (C MuJoCo).
+
+Gymnasium (``pip install -e ".[test]"``) is the reference no one here wrote. Two checks:
+
+* one-step parity: along a Gymnasium trajectory with random actions, put both simulators in
+  the same (qpos, qvel) -- Gymnasium's ``set_state``, our ``reset_to`` -- apply the same
+  action once and compare observation, reward, termination and reward terms;
+* trajectory parity: start both from the same reset state and let each run on its own
+  under the same actions.
+
+Comparisons are meaningful in float64: enable ``jax_enable_x64`` before building the env.
+From the command line (x64 is switched on for you)::
+
+    python -m envs.parity --env Ant --steps 200
+    python -m envs.parity --env Ant --integrator euler --cone elliptic
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from envs.base import Env, PhysicsOptions, add_physics_arguments, physics_from_arguments
+
+
+@dataclasses.dataclass
+class GymStep:
+    """One recorded Gymnasium transition from a known (qpos, qvel)."""
+
+    qpos: np.ndarray
+    qvel: np.ndarray
+    warmstart: np.ndarray
+    action: np.ndarray
+    obs: np.ndarray
+    reward: float
+    terminated: bool
+    info: dict[str, float]
+
+
+def gym_env(name: str, physics: PhysicsOptions | None = None):
+    """Gymnasium's own ``<name>-v5``, without wrappers. ``physics`` changes the reference's
+    solver options too, to tell MJX's differences from those of the options themselves."""
+    try:
+        import gymnasium
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError('the parity harness needs Gymnasium: pip install -e ".[test]"') from e
+    env = gymnasium.make(f"{name}-v5", disable_env_checker=True).unwrapped
+    if physics is not None:
+        physics.apply(env.model)
+    return env
+
+
+def record_one_step(
+    name: str, steps: int, seed: int = 0, physics: PhysicsOptions | None = None
+) -> list[GymStep]:
+    """Run Gymnasium with uniform random actions; before each step, ``set_state`` the
+    current (qpos, qvel) so that the step starts from exactly what ``reset_to`` builds."""
+    env = gym_env(name, physics)
+    rng = np.random.default_rng(seed)
+    env.reset(seed=seed)
+    low, high = env.action_space.low, env.action_space.high
+    out = []
+    for _ in range(steps):
+        qpos, qvel = env.data.qpos.copy(), env.data.qvel.copy()
+        env.set_state(qpos, qvel)
+        warmstart = env.data.qacc_warmstart.copy()
+        action = rng.uniform(low, high).astype(np.float64)
+        obs, reward, terminated, _, info = env.step(action)
+        out.append(GymStep(qpos, qvel, warmstart, action, obs, float(reward), terminated, info))
+        if terminated:
+            env.reset(seed=int(rng.integers(2**31)))
+    return out
+
+
+@functools.cache
+def compiled(env: Env) -> tuple[Callable, Callable]:
+    """``env.reset_to`` and ``env.step``, jitted once per env for both checks."""
+    return jax.jit(env.reset_to), jax.jit(env.step)
+
+
+def one_step_parity(env: Env, record: list[GymStep]) -> dict[str, np.ndarray]:
+    """Per-step absolute differences of our step against the recorded Gymnasium steps."""
+    reset_to, step = compiled(env)
+    diffs: dict[str, list] = {"obs": [], "reward": [], "terminated": []}
+    for k in env.metric_names:
+        diffs[k] = []
+    for r in record:
+        state = reset_to(r.qpos, r.qvel)
+        state = state.replace(data=state.data.replace(qacc_warmstart=jnp.asarray(r.warmstart)))
+        state = step(state, r.action)
+        diffs["obs"].append(np.abs(np.asarray(state.obs) - r.obs))
+        diffs["reward"].append(abs(float(state.reward) - r.reward))
+        diffs["terminated"].append(bool(state.terminated) != r.terminated)
+        for k in env.metric_names:
+            diffs[k].append(abs(float(state.metrics[k]) - float(r.info[k])))
+    return {k: np.asarray(v) for k, v in diffs.items()}
+
+
+def trajectory_parity(
+    env: Env, name: str, steps: int, seed: int = 0, physics: PhysicsOptions | None = None
+) -> dict[str, np.ndarray]:
+    """Both start from Gymnasium's reset state; each then runs freely under the same
+    actions. Returns per-step |obs| differences (row 0: the reset observation) and the
+    number of steps run before either terminated."""
+    gym = gym_env(name, physics)
+    rng = np.random.default_rng(seed)
+    obs0, _ = gym.reset(seed=seed)
+    reset_to, step = compiled(env)
+    state = reset_to(gym.data.qpos.copy(), gym.data.qvel.copy())
+    obs_diff = [np.abs(np.asarray(state.obs) - obs0)]
+    reward_diff = []
+    for _ in range(steps):
+        action = rng.uniform(gym.action_space.low, gym.action_space.high).astype(np.float64)
+        obs, reward, terminated, _, _ = gym.step(action)
+        state = step(state, action)
+        obs_diff.append(np.abs(np.asarray(state.obs) - obs))
+        reward_diff.append(abs(float(state.reward) - float(reward)))
+        if terminated or bool(state.terminated):
+            break
+    return {"obs": np.asarray(obs_diff), "reward": np.asarray(reward_diff)}
+
+
+def summarize(diffs: dict[str, np.ndarray]) -> dict[str, float]:
+    """Largest difference per quantity (mismatch count for termination)."""
+    return {
+        k: int(v.sum()) if v.dtype == bool else float(np.max(v, initial=0.0))
+        for k, v in diffs.items()
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    import envs
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--env", required=True, choices=envs.NAMES)
+    parser.add_argument("--steps", type=int, default=200, help="one-step parity steps")
+    parser.add_argument("--trajectory", type=int, default=100, help="trajectory steps")
+    parser.add_argument("--seed", type=int, default=0)
+    add_physics_arguments(parser)
+    args = parser.parse_args(argv)
+    jax.config.update("jax_enable_x64", True)
+    physics = physics_from_arguments(args)
+    env = envs.make(args.env, **physics)
+    report = {
+        "env": args.env,
+        "physics": physics,
+        "one_step": summarize(
+            one_step_parity(env, record_one_step(args.env, args.steps, args.seed))
+        ),
+    }
+    traj = trajectory_parity(env, args.env, args.trajectory, args.seed)
+    report["trajectory"] = {
+        "steps": len(traj["reward"]),
+        "max_obs_diff_per_step": [float(x) for x in traj["obs"].max(axis=1)],
+    }
+    json.dump(report, sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The three wrappers: time limit, auto-reset (keeping the terminal observation), vmap."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from envs.base import Env, State
+
+
+class Wrapper:
+    """Forwards everything it does not change to the wrapped env."""
+
+    def __init__(self, env: Env | Wrapper):
+        self.env = env
+
+    def reset(self, key: jax.Array) -> State:
+        return self.env.reset(key)
+
+    def step(self, state: State, action: jax.Array) -> State:
+        return self.env.step(state, action)
+
+    @property
+    def unwrapped(self) -> Env:
+        return self.env.unwrapped if isinstance(self.env, Wrapper) else self.env
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.env, name)
+
+
+class TimeLimit(Wrapper):
+    """Marks ``truncated`` once an episode has run ``episode_length`` steps."""
+
+    def __init__(self, env: Env | Wrapper, episode_length: int | None = None):
+        super().__init__(env)
+        self.episode_length = int(env.episode_length if episode_length is None else episode_length)
+        if self.episode_length < 1:
+            raise ValueError(f"episode_length must be positive, got {self.episode_length}")
+
+    def step(self, state: State, action: jax.Array) -> State:
+        state = self.env.step(state, action)
+        return state.replace(truncated=state.truncated | (state.steps >= self.episode_length))
+
+
+class AutoReset(Wrapper):
+    """Starts a new episode (fresh reset noise) after a terminal or truncated step.
+
+    ``reward``, ``terminated``, ``truncated``, ``metrics`` and ``final_obs`` still describe
+    the step that ended the episode; ``obs``, ``data`` and ``steps`` belong to the new one.
+    """
+
+    def step(self, state: State, action: jax.Array) -> State:
+        state = self.env.step(state, action)
+        key, reset_key = jax.random.split(state.key)
+        fresh = self.env.reset(reset_key)
+        done = state.terminated | state.truncated
+
+        def pick(new: jax.Array, old: jax.Array) -> jax.Array:
+            return jnp.where(done.reshape(done.shape + (1,) * (old.ndim - done.ndim)), new, old)
+
+        return state.replace(
+            data=jax.tree.map(pick, fresh.data, state.data),
+            obs=pick(fresh.obs, state.obs),
+            steps=pick(fresh.steps, state.steps),
+            key=key,
+        )
+
+
+class VmapEnv(Wrapper):
+    """Runs ``num_envs`` independent copies: states and actions gain a leading axis."""
+
+    def __init__(self, env: Env | Wrapper, num_envs: int):
+        super().__init__(env)
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be positive, got {num_envs}")
+        self.num_envs = int(num_envs)
+
+    def reset(self, key: jax.Array) -> State:
+        return jax.vmap(self.env.reset)(jax.random.split(key, self.num_envs))
+
+    def step(self, state: State, action: jax.Array) -> State:
+        return jax.vmap(self.env.step)(state, action)
+
+
+def wrap(env: Env, num_envs: int, episode_length: int | None = None) -> VmapEnv:
+    """The training stack: ``num_envs`` auto-resetting copies with a time limit."""
+    return VmapEnv(AutoReset(TimeLimit(env, episode_length)), num_envs)

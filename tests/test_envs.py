@@ -1,0 +1,181 @@
+"""Environment contract: every task jits, vmaps, keeps its shapes and dtypes, stays finite
+over a random rollout, and auto-resets while keeping the terminal observation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import envs
+
+# Gymnasium v5 observation / action sizes, from its documentation.
+SIZES = {
+    "InvertedPendulum": (4, 1),
+    "Hopper": (11, 3),
+    "Walker2d": (17, 6),
+    "HalfCheetah": (17, 6),
+    "Ant": (105, 8),
+    "Humanoid": (348, 17),
+    "Swimmer": (8, 2),
+}
+DT = {
+    "InvertedPendulum": 0.04,
+    "Hopper": 0.008,
+    "Walker2d": 0.008,
+    "HalfCheetah": 0.05,
+    "Ant": 0.05,
+    "Humanoid": 0.015,
+    "Swimmer": 0.04,
+}
+
+
+def test_names_and_unknown_task():
+    assert set(envs.NAMES) == set(SIZES)
+    with pytest.raises(ValueError, match="valid names: InvertedPendulum, Hopper"):
+        envs.make("hopper")
+
+
+def test_unknown_and_bad_options():
+    with pytest.raises(ValueError, match=r"no option forward_weight.*ctrl_cost_weight"):
+        envs.make("Hopper", forward_weight=2.0)
+    with pytest.raises(ValueError, match="unknown integrator 'rk5'"):
+        envs.make("Hopper", integrator="rk5")
+    with pytest.raises(ValueError, match="iterations must be a positive integer"):
+        envs.make("Hopper", iterations=0)
+
+
+def test_options_reach_the_model():
+    env = envs.make("Humanoid", integrator="euler", iterations=4, ls_iterations=8)
+    opt = env.mj_model.opt
+    assert (opt.integrator, opt.iterations, opt.ls_iterations) == (0, 4, 8)
+    # Humanoid's XML asks for PGS, which MJX lacks: Newton stands in.
+    assert envs.make("Humanoid").mj_model.opt.solver == 2
+    assert envs.make("Hopper", ctrl_cost_weight=0.5).ctrl_cost_weight == 0.5
+
+
+@pytest.mark.parametrize("name", envs.NAMES)
+def test_sizes_and_float32_shapes(name):
+    """Sizes, dt and dtypes in the default float32 mode, from tracing alone."""
+    env = envs.make(name)
+    obs_size, act_size = SIZES[name]
+    assert (env.observation_size, env.action_size) == (obs_size, act_size)
+    assert env.dt == pytest.approx(DT[name])
+    assert env.episode_length == 1000
+    assert env.action_low.shape == env.action_high.shape == (act_size,)
+    assert np.all(env.action_low < env.action_high)
+    state = jax.eval_shape(env.reset, jax.random.key(0))
+    action = jax.ShapeDtypeStruct((act_size,), jnp.float32)
+    stepped = jax.eval_shape(env.step, state, action)
+    for s in (state, stepped):
+        assert s.obs.shape == s.final_obs.shape == (obs_size,)
+        assert s.obs.dtype == s.reward.dtype == jnp.float32
+        assert s.terminated.dtype == s.truncated.dtype == jnp.bool_
+        assert set(s.metrics) == set(env.metric_names)
+
+
+@pytest.mark.parametrize("name", envs.NAMES)
+def test_jit_vmap_rollout_and_auto_reset(name):
+    """A jitted, vmapped random rollout in float32 with a short time limit: finite, right
+    shapes, episodes restart, and ``final_obs`` keeps the observation that ended each
+    episode. (A host loop over one jitted step: a scanned rollout compiles twice as long.)"""
+    num_envs, horizon, limit = 3, 12, 5
+    env = envs.wrap(envs.make(name), num_envs=num_envs, episode_length=limit)
+    step = jax.jit(env.step)
+    state = jax.jit(env.reset)(jax.random.key(1))
+    first = state
+    rng = np.random.default_rng(0)
+    traj = []
+    for _ in range(horizon):
+        action = rng.uniform(env.action_low, env.action_high, (num_envs, env.action_size))
+        state = step(state, action.astype(np.float32))
+        traj.append(jax.tree.map(np.asarray, state.replace(key=jax.random.key_data(state.key))))
+    traj = jax.tree.map(lambda *xs: np.stack(xs), *traj)
+    obs_size = env.observation_size
+    assert first.obs.shape == (num_envs, obs_size) and first.obs.dtype == np.float32
+    assert traj.obs.shape == traj.final_obs.shape == (horizon, num_envs, obs_size)
+    assert traj.reward.shape == traj.terminated.shape == (horizon, num_envs)
+    assert traj.obs.dtype == traj.reward.dtype == np.float32
+    for leaf in jax.tree.leaves((traj.obs, traj.final_obs, traj.reward, traj.metrics)):
+        assert np.all(np.isfinite(leaf))
+    # Different envs in the batch start differently (independent reset noise).
+    assert not np.allclose(first.obs[0], first.obs[1])
+
+    done = traj.terminated | traj.truncated
+    assert done.any(), "the time limit must end episodes inside the rollout"
+    assert np.all(traj.steps[done] == 0), "a finished episode restarts at step 0"
+    assert np.all(traj.steps <= limit)
+    np.testing.assert_array_equal(traj.obs[~done], traj.final_obs[~done])
+    assert np.all(np.any(traj.obs[done] != traj.final_obs[done], axis=-1)), "final_obs kept"
+    assert not np.any(traj.truncated & ~done)
+
+
+class Drift:
+    """A physics-free stand-in with the Env interface, to test the wrappers' logic alone:
+    the observation is a position that each action moves; past 1.0 the episode ends."""
+
+    episode_length = 1000
+    observation_size = action_size = 1
+
+    def reset(self, key):
+        obs = jax.random.uniform(key, (1,), minval=-0.1, maxval=0.1)
+        zero = jnp.zeros(())
+        return envs.State(
+            data=obs, obs=obs, reward=zero, terminated=jnp.zeros((), bool),
+            truncated=jnp.zeros((), bool), final_obs=obs, steps=jnp.zeros((), jnp.int32),
+            key=key, metrics={"position": zero},
+        )  # fmt: skip
+
+    def step(self, state, action):
+        obs = state.data + action
+        return state.replace(
+            data=obs, obs=obs, final_obs=obs, reward=obs[0], terminated=obs[0] > 1.0,
+            truncated=jnp.zeros((), bool), steps=state.steps + 1, metrics={"position": obs[0]},
+        )  # fmt: skip
+
+
+def test_auto_reset_keeps_the_terminal_step():
+    """The wrapped step's ``final_obs``, reward, flags and metrics are the bare step's; the
+    new episode's observation, data and step count are a fresh reset's."""
+    base = Drift()
+    wrapped = envs.AutoReset(envs.TimeLimit(base, episode_length=3))
+    state = base.reset(jax.random.key(3))
+    _, reset_key = jax.random.split(state.key)
+    fresh = base.reset(reset_key)
+    # Truncation: the third step hits the time limit.
+    at_limit = state.replace(steps=jnp.asarray(2, jnp.int32))
+    bare, out = base.step(at_limit, jnp.ones(1) * 0.2), wrapped.step(at_limit, jnp.ones(1) * 0.2)
+    np.testing.assert_array_equal(out.final_obs, bare.obs)
+    assert float(out.reward) == float(bare.reward)
+    assert float(out.metrics["position"]) == float(bare.metrics["position"])
+    assert bool(out.truncated) and not bool(out.terminated)
+    np.testing.assert_array_equal(out.obs, fresh.obs)
+    np.testing.assert_array_equal(out.data, fresh.data)
+    assert int(out.steps) == 0
+    assert not np.array_equal(out.key, state.key), "each reset draws new randomness"
+    # Termination before the limit.
+    out = wrapped.step(state, jnp.ones(1) * 2.0)
+    assert bool(out.terminated) and not bool(out.truncated)
+    assert float(out.final_obs[0]) > 1.0
+    np.testing.assert_array_equal(out.obs, fresh.obs)
+    # Neither: nothing is reset and the episode goes on.
+    out = wrapped.step(state, jnp.ones(1) * 0.2)
+    np.testing.assert_array_equal(out.obs, out.final_obs)
+    assert int(out.steps) == 1 and not bool(out.truncated | out.terminated)
+
+
+def test_vmap_wrapper_batches_independent_envs():
+    env = envs.VmapEnv(envs.AutoReset(envs.TimeLimit(Drift(), 2)), num_envs=4)
+    state = env.reset(jax.random.key(0))
+    assert state.obs.shape == (4, 1) and len(np.unique(np.asarray(state.obs))) == 4
+    state = env.step(state, jnp.asarray([[0.0], [0.5], [2.0], [0.0]]))
+    np.testing.assert_array_equal(np.asarray(state.terminated), [False, False, True, False])
+    state = env.step(state, jnp.zeros((4, 1)))
+    # envs 0, 1 and 3 hit the limit of 2 steps; env 2 restarted a step ago.
+    np.testing.assert_array_equal(np.asarray(state.truncated), [True, True, False, True])
+    np.testing.assert_array_equal(np.asarray(state.steps), [0, 0, 1, 0])
+    with pytest.raises(ValueError, match="num_envs must be positive"):
+        envs.VmapEnv(Drift(), 0)
+    with pytest.raises(ValueError, match="episode_length must be positive"):
+        envs.TimeLimit(Drift(), -1)
