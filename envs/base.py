@@ -167,6 +167,10 @@ class Env:
     episode_length: int = 1000
     uses_cfrc_ext: bool = False
     """Whether the task reads ``cfrc_ext``: only then is ``rne_postconstraint`` run."""
+    camera_distance: float = 4.0
+    """Video camera distance (Gymnasium's default camera configuration of the task)."""
+    camera_tracks: bool = True
+    """Whether the video camera follows the robot's root body."""
 
     def __init__(self, physics: PhysicsOptions | None = None, reset_noise_scale: float = 0.0):
         self.physics = physics or PhysicsOptions()

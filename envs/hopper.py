@@ -19,6 +19,7 @@ from envs.base import Env, PhysicsOptions, control_cost, healthy_between
 class Hopper(Env):
     xml = "hopper.xml"
     frame_skip = 4
+    camera_distance = 3.0
 
     def __init__(
         self,

@@ -17,6 +17,8 @@ from envs.base import Env, PhysicsOptions
 class InvertedPendulum(Env):
     xml = "inverted_pendulum.xml"
     frame_skip = 2
+    camera_distance = 2.04
+    camera_tracks = False
 
     def __init__(self, reset_noise_scale: float = 0.01, physics: PhysicsOptions | None = None):
         super().__init__(physics, reset_noise_scale)

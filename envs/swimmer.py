@@ -17,6 +17,7 @@ from envs.base import Env, PhysicsOptions, control_cost
 class Swimmer(Env):
     xml = "swimmer.xml"
     frame_skip = 4
+    camera_distance = 3.0
 
     def __init__(
         self,

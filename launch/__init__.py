@@ -1,0 +1,1 @@
+"""What starts runs: presets, sweep configurations and benchmark scripts."""

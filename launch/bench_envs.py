@@ -1,0 +1,131 @@
+"""Raw environment throughput: random actions, ``vmap`` + ``lax.scan``, steps per second
+and first-compile seconds, for our tasks and (``--brax``) Brax's built-in mjx envs in the
+same run. Prints a Markdown table and writes JSON.
+
+    python -m launch.bench_envs                                  # all tasks, 1k/4k/16k envs
+    python -m launch.bench_envs --tasks Hopper Ant --num-envs 4096 --brax
+    python -m launch.bench_envs --tasks Ant --iterations 4 --ls-iterations 8  # speed options
+
+Two columns per task: ``raw`` steps the vmapped env alone, ``wrapped`` adds what training
+pays for (time limit and auto-reset with fresh reset noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+
+import jax
+
+import envs
+from envs.base import add_physics_arguments, physics_from_arguments
+
+BRAX_NAMES = {
+    "InvertedPendulum": "inverted_pendulum",
+    "Hopper": "hopper",
+    "Walker2d": "walker2d",
+    "HalfCheetah": "halfcheetah",
+    "Ant": "ant",
+    "Humanoid": "humanoid",
+    "Swimmer": "swimmer",
+}
+
+
+def measure(reset: Callable, step: Callable, num_envs: int, action_size: int, steps: int,
+            repeats: int = 2) -> dict:  # fmt: skip
+    """Compile a ``steps``-long random-action rollout, then time it ``repeats`` times."""
+
+    def rollout(state, key):
+        def body(state, key):
+            action = jax.random.uniform(key, (num_envs, action_size), minval=-1.0, maxval=1.0)
+            return step(state, action), None
+
+        return jax.lax.scan(body, state, jax.random.split(key, steps))[0]
+
+    key = jax.random.key(0)
+    state = jax.block_until_ready(jax.jit(reset)(key))
+    t0 = time.perf_counter()
+    compiled = jax.jit(rollout).lower(state, key).compile()
+    compile_s = time.perf_counter() - t0
+    best = float("inf")
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        state = jax.block_until_ready(compiled(state, jax.random.fold_in(key, i)))
+        best = min(best, time.perf_counter() - t0)
+    return {"steps_per_s": num_envs * steps / best, "compile_s": compile_s, "run_s": best}
+
+
+def bench_ours(task: str, num_envs: int, steps: int, options: dict) -> dict:
+    env = envs.make(task, **options)
+    raw = envs.VmapEnv(env, num_envs)
+    wrapped = envs.wrap(env, num_envs)
+
+    def scaled(stack):
+        return lambda state, action: stack.step(state, envs.scale_action(env, action))
+
+    return {
+        "raw": measure(raw.reset, scaled(raw), num_envs, env.action_size, steps),
+        "wrapped": measure(wrapped.reset, scaled(wrapped), num_envs, env.action_size, steps),
+    }
+
+
+def bench_brax(task: str, num_envs: int, steps: int) -> dict:
+    from brax import envs as brax_envs
+
+    env = brax_envs.get_environment(BRAX_NAMES[task], backend="mjx")
+
+    def reset(key):
+        return jax.vmap(env.reset)(jax.random.split(key, num_envs))
+
+    return {"raw": measure(reset, jax.vmap(env.step), num_envs, env.action_size, steps)}
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| task | envs | ours raw steps/s (compile s) | ours wrapped steps/s (compile s) "
+        "| Brax mjx steps/s (compile s) |",
+        "|---|---|---|---|---|",
+    ]
+
+    def cell(r: dict | None) -> str:
+        return "" if not r else f"{r['steps_per_s'] / 1e3:,.1f}k ({r['compile_s']:.0f})"
+
+    for r in results:
+        brax = r.get("brax") or {}
+        lines.append(
+            f"| {r['task']} | {r['num_envs']:,} | {cell(r['ours']['raw'])} | "
+            f"{cell(r['ours']['wrapped'])} | {cell(brax.get('raw'))} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=list(envs.NAMES), choices=envs.NAMES)
+    parser.add_argument("--num-envs", nargs="+", type=int, default=[1024, 4096, 16384])
+    parser.add_argument("--steps", type=int, default=200, help="scan length per rollout")
+    parser.add_argument("--brax", action="store_true", help="also Brax's built-in mjx envs")
+    parser.add_argument("--out", default="bench_envs.json", help="JSON results")
+    add_physics_arguments(parser)
+    args = parser.parse_args(argv)
+    options = physics_from_arguments(args)
+    print(f"devices: {jax.devices()} | options: {options or 'Gymnasium XML'}", flush=True)
+    results = []
+    for task in args.tasks:
+        for n in args.num_envs:
+            row = {"task": task, "num_envs": n, "steps": args.steps, "options": options,
+                   "ours": bench_ours(task, n, args.steps, options)}  # fmt: skip
+            if args.brax:
+                row["brax"] = bench_brax(task, n, args.steps)
+            results.append(row)
+            print(table([row]).splitlines()[-1], flush=True)
+            with open(args.out, "w") as f:  # rewritten after each row: nothing lost
+                json.dump({"device": str(jax.devices()[0]), "results": results}, f, indent=1)
+    print(table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""The run configuration: one frozen dataclass, a docstring per field.
+
+A ``Config`` is static for the compiled program: changing any field means a new run (or a
+new compilation). Derived sizes are properties, and ``validate`` refuses impossible
+settings before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Literal
+
+ALGOS = ("sac-v2", "sac-v1")
+# Fields the compiled programs never read: two configs that differ only here compile to the
+# same programs, and a resumed run may change them.
+HOST_ONLY = frozenset(
+    {
+        "preset", "total_steps", "eval_every", "run_dir", "checkpoint_every",
+        "keep_checkpoints", "save_buffer", "wandb", "wandb_project", "wandb_entity",
+    }
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a training run needs; ``mjxsac-train --help`` lists it."""
+
+    # ---- task -------------------------------------------------------------------------
+    env: str = "InvertedPendulum"
+    """Task name: InvertedPendulum, Hopper, Walker2d, HalfCheetah, Ant, Humanoid, Swimmer."""
+    algo: Literal["sac-v2", "sac-v1"] = "sac-v2"
+    """sac-v2: twin target Qs, automatic temperature (2018b). sac-v1: soft V network with a
+    target V, twin Q, fixed temperature expressed as a reward scale (2018a)."""
+    preset: str = "default"
+    """Which preset of ``launch/presets.py`` supplied the defaults (recorded for the run)."""
+    seed: int = 0
+    """Seeds everything: network init, exploration, env resets, replay sampling."""
+    episode_length: int = 1000
+    """Time limit in env steps (Gymnasium's v5 tasks: 1000); truncation bootstraps."""
+    env_options: str = ""
+    """Task options as 'key=value,...': Gymnasium's keyword arguments of the task (e.g.
+    'ctrl_cost_weight=0.1') or simulator speed options (e.g.
+    'iterations=4,ls_iterations=8,integrator=euler'; docs/ENVIRONMENTS.md gives their
+    measured fidelity cost). Empty: Gymnasium's defaults and XML."""
+
+    # ---- sizes (static) --------------------------------------------------------------------
+    num_envs: int = 16
+    """Environments stepped in parallel; each train step adds num_envs transitions."""
+    total_steps: int = 20_000
+    """Environment steps to train for (rounded up to whole chunks)."""
+    warmup_steps: int = 2_000
+    """Environment steps with uniform random actions before the policy acts and SAC
+    updates start."""
+    updates_per_step: int = 4
+    """SAC gradient updates per train step (one train step = one step of every env);
+    0 collects data only (for throughput measurements)."""
+    batch_size: int = 256
+    """Transitions per gradient update."""
+    buffer_size: int = 1_000_000
+    """Replay capacity in transitions."""
+    hidden_sizes: tuple[int, ...] = (256, 256)
+    """Hidden layer widths of the actor, critics and V network."""
+    activation: Literal["relu", "elu", "gelu", "silu", "tanh"] = "relu"
+    """Hidden activation."""
+    critic_layer_norm: bool = False
+    """LayerNorm after each hidden layer of the critics (and V network)."""
+    steps_per_chunk: int = 100
+    """Train steps fused into one compiled ``lax.scan``; the host logs between chunks."""
+
+    # ---- SAC hyperparameters -------------------------------------------------------
+    gamma: float = 0.99
+    """Discount factor."""
+    tau: float = 0.005
+    """Polyak averaging rate of the target networks."""
+    actor_lr: float = 3e-4
+    """Adam learning rate of the policy."""
+    critic_lr: float = 3e-4
+    """Adam learning rate of the Q networks (and the V network of sac-v1)."""
+    alpha_lr: float = 3e-4
+    """Adam learning rate of log(alpha) (sac-v2)."""
+    init_alpha: float = 1.0
+    """Initial temperature (sac-v2); sac-v1 keeps alpha = 1 and scales rewards instead."""
+    target_entropy: float | None = None
+    """Target policy entropy for sac-v2 in nats of the [-1, 1] action box; None: -|A|."""
+    reward_scale: float = 1.0
+    """Multiplies rewards in the critic targets. In sac-v1 it is the inverse temperature
+    (the paper used 5 for most tasks and 20 for Humanoid)."""
+    log_std_min: float = -5.0
+    """Lower bound of the policy's log standard deviation."""
+    log_std_max: float = 2.0
+    """Upper bound of the policy's log standard deviation."""
+    normalize_obs: bool = True
+    """Normalize observations with running mean/variance from the collected data."""
+
+    # ---- evaluation, logging ---------------------------------------------------------
+    eval_every: int = 5
+    """Evaluate every this many chunks (and after the last)."""
+    eval_envs: int = 10
+    """Episodes per evaluation, run in parallel with the deterministic (mean) action."""
+    run_dir: str = ""
+    """Where to write the run (config, metrics, curve, checkpoints). Empty: runs/<name>."""
+
+    # ---- checkpoints, wandb --------------------------------------------------------------
+    checkpoint_every: int = 10
+    """Save a checkpoint every this many chunks (and at the end, and on SIGINT/SIGTERM)."""
+    keep_checkpoints: int = 3
+    """Keep the latest this many checkpoints (plus the best by eval return)."""
+    save_buffer: bool = False
+    """Put the replay buffer into checkpoints, so that a resumed run continues exactly."""
+    wandb: bool = False
+    """Log to Weights & Biases (offline or disabled through WANDB_MODE)."""
+    wandb_project: str = "mjxsac"
+    """wandb project name."""
+    wandb_entity: str | None = None
+    """wandb entity (user or team); None: wandb's default."""
+
+    # ---- derived -----------------------------------------------------------------------------
+
+    @property
+    def env_steps_per_chunk(self) -> int:
+        return self.num_envs * self.steps_per_chunk
+
+    @property
+    def num_chunks(self) -> int:
+        return max(1, math.ceil(self.total_steps / self.env_steps_per_chunk))
+
+    @property
+    def warmup_train_steps(self) -> int:
+        return math.ceil(self.warmup_steps / self.num_envs)
+
+    def validate(self) -> Config:
+        """Refuse impossible settings with a message naming the field."""
+        import envs
+
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            _check_type(field.name, getattr(self, field.name), hints[field.name])
+        if self.env not in envs.NAMES:
+            raise ValueError(f"unknown env {self.env!r}; valid: {', '.join(envs.NAMES)}")
+        if self.algo not in ALGOS:
+            raise ValueError(f"unknown algo {self.algo!r}; valid: {', '.join(ALGOS)}")
+        positive = (
+            "num_envs total_steps batch_size buffer_size steps_per_chunk "
+            "eval_every eval_envs episode_length checkpoint_every keep_checkpoints"
+        )
+        for name in positive.split():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "updates_per_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if not self.hidden_sizes or any(h < 1 for h in self.hidden_sizes):
+            raise ValueError(f"hidden_sizes must be positive widths, got {self.hidden_sizes}")
+        for name in ("gamma", "tau"):
+            value = getattr(self, name)
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
+        for name in ("actor_lr", "critic_lr", "alpha_lr", "init_alpha", "reward_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.log_std_min >= self.log_std_max:
+            raise ValueError("log_std_min must be below log_std_max")
+        if self.num_envs > self.buffer_size:
+            raise ValueError(
+                f"buffer_size ({self.buffer_size}) is smaller than one step of all envs "
+                f"(num_envs {self.num_envs})"
+            )
+        if self.warmup_steps > self.buffer_size:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) exceeds the replay capacity "
+                f"({self.buffer_size} transitions): raise buffer_size or lower warmup_steps"
+            )
+        if self.batch_size > self.buffer_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) exceeds the replay capacity ({self.buffer_size})"
+            )
+        envs.check_options(self.env, self.env_kwargs())
+        return self
+
+    def env_kwargs(self) -> dict[str, int | float | bool | str]:
+        """Parse ``env_options`` ('key=value,...') into ``envs.make`` keyword arguments."""
+        out: dict[str, int | float | bool | str] = {}
+        for item in filter(None, (s.strip() for s in self.env_options.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"env option {item!r} must look like key=value")
+            out[key.strip()] = parse_scalar(value.strip())
+        return out
+
+    def compiled_identity(self) -> Config:
+        """This config with the host-only fields at their defaults (see ``HOST_ONLY``)."""
+        return dataclasses.replace(self, **{f: getattr(Config, f) for f in HOST_ONLY})
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["hidden_sizes"] = list(self.hidden_sizes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        """Inverse of ``to_dict``; unknown keys are refused."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config fields: {', '.join(unknown)}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(hints[k], v) for k, v in d.items()})
+
+
+def _check_type(name: str, value, kind) -> None:
+    """Refuse a value of the wrong type (JSON and wandb hand over untyped values)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is Literal:
+        ok = value in args
+    elif origin is tuple:
+        ok = isinstance(value, tuple) and all(isinstance(v, int) for v in value)
+    elif origin in (typing.Union, types.UnionType):
+        ok = any(_type_ok(value, k) for k in args)
+    else:
+        ok = _type_ok(value, kind)
+    if not ok:
+        raise ValueError(f"{name} must be of type {kind}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
+def _type_ok(value, kind) -> bool:
+    if kind is type(None):
+        return value is None
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _coerce(kind, value):
+    """Bring a value from JSON or a wandb sweep to the field's type (lists to tuples,
+    whole floats to ints, 'true'/'false' to booleans)."""
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if typing.get_origin(kind) is tuple and isinstance(value, list | tuple):
+        return tuple(int(v) for v in value)
+    return value
+
+
+def parse_scalar(text: str) -> int | float | bool | str:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text

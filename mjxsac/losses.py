@@ -1,0 +1,157 @@
+"""SAC losses: one pure function each, returning ``(loss, metrics)``.
+
+The losses are generic in the function approximators: ``nets`` carries the apply
+functions (see :class:`Nets`), so tests can check the arithmetic against a NumPy
+reference with functions whose outputs are known. Conventions:
+
+* ``critic(params, obs, action)`` returns the two Q estimates stacked, shape (2, batch);
+* ``actor(params, obs)`` returns ``(mean, log_std)`` of the pre-tanh Gaussian;
+* ``value(params, obs)`` returns V(s), shape (batch,) (SAC v1 only);
+* targets bootstrap with ``1 - terminated`` from ``next_obs``, which for a truncated
+  transition is the stored final observation, so truncation bootstraps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from mjxsac.networks import sample_action
+
+Params = Any
+Metrics = dict[str, jax.Array]
+
+
+@struct.dataclass
+class Transition:
+    """A batch of transitions (one row each); the replay buffer stores these fields."""
+
+    obs: jax.Array
+    action: jax.Array
+    """In the policy's [-1, 1] box."""
+    reward: jax.Array
+    next_obs: jax.Array
+    """The observation the step produced, before any auto-reset (``State.final_obs``)."""
+    terminated: jax.Array
+
+
+@struct.dataclass
+class Nets:
+    """The apply functions of the networks (static: not part of the pytree)."""
+
+    actor: Callable = struct.field(pytree_node=False)
+    critic: Callable = struct.field(pytree_node=False)
+    value: Callable | None = struct.field(pytree_node=False, default=None)
+
+
+def critic_loss_v2(
+    critic_params: Params,
+    target_critic_params: Params,
+    actor_params: Params,
+    log_alpha: jax.Array,
+    batch: Transition,
+    key: jax.Array,
+    *,
+    nets: Nets,
+    gamma: float,
+    reward_scale: float,
+) -> tuple[jax.Array, Metrics]:
+    """Soft Bellman residual with the minimum of the two target Qs and the entropy term."""
+    mean, log_std = nets.actor(actor_params, batch.next_obs)
+    next_action, next_log_prob = sample_action(mean, log_std, key)
+    next_q = jnp.min(nets.critic(target_critic_params, batch.next_obs, next_action), axis=0)
+    next_v = next_q - jnp.exp(log_alpha) * next_log_prob
+    return _bellman_loss(critic_params, batch, next_v, nets, gamma, reward_scale)
+
+
+def critic_loss_v1(
+    critic_params: Params,
+    target_value_params: Params,
+    batch: Transition,
+    *,
+    nets: Nets,
+    gamma: float,
+    reward_scale: float,
+) -> tuple[jax.Array, Metrics]:
+    """Q regression onto ``reward_scale * r + gamma * (1 - terminated) * V_target(s')``."""
+    next_v = nets.value(target_value_params, batch.next_obs)
+    return _bellman_loss(critic_params, batch, next_v, nets, gamma, reward_scale)
+
+
+def _bellman_loss(critic_params, batch, next_v, nets, gamma, reward_scale):
+    not_done = 1.0 - batch.terminated.astype(next_v.dtype)
+    target = jax.lax.stop_gradient(reward_scale * batch.reward + gamma * not_done * next_v)
+    q = nets.critic(critic_params, batch.obs, batch.action)
+    loss = 0.5 * jnp.sum(jnp.mean(jnp.square(q - target), axis=-1))
+    return loss, {"critic_loss": loss, "q": jnp.mean(q), "target_q": jnp.mean(target)}
+
+
+def value_loss_v1(
+    value_params: Params,
+    actor_params: Params,
+    critic_params: Params,
+    obs: jax.Array,
+    key: jax.Array,
+    *,
+    nets: Nets,
+    alpha: float,
+) -> tuple[jax.Array, Metrics]:
+    """V regression onto ``min_i Q_i(s, a) - alpha * log pi(a|s)``, a ~ pi (SAC v1)."""
+    mean, log_std = nets.actor(actor_params, obs)
+    action, log_prob = sample_action(mean, log_std, key)
+    q = jnp.min(nets.critic(critic_params, obs, action), axis=0)
+    target = jax.lax.stop_gradient(q - alpha * log_prob)
+    v = nets.value(value_params, obs)
+    loss = 0.5 * jnp.mean(jnp.square(v - target))
+    return loss, {"value_loss": loss, "v": jnp.mean(v)}
+
+
+def actor_loss(
+    actor_params: Params,
+    critic_params: Params,
+    log_alpha: jax.Array,
+    obs: jax.Array,
+    key: jax.Array,
+    *,
+    nets: Nets,
+) -> tuple[jax.Array, Metrics]:
+    """``E[alpha * log pi(a|s) - min_i Q_i(s, a)]`` with reparameterized a ~ pi."""
+    mean, log_std = nets.actor(actor_params, obs)
+    action, log_prob = sample_action(mean, log_std, key)
+    q = jnp.min(nets.critic(critic_params, obs, action), axis=0)
+    loss = jnp.mean(jax.lax.stop_gradient(jnp.exp(log_alpha)) * log_prob - q)
+    return loss, {"actor_loss": loss, "entropy": -jnp.mean(log_prob), "log_prob": log_prob}
+
+
+def alpha_loss(
+    log_alpha: jax.Array, log_prob: jax.Array, *, target_entropy: float
+) -> tuple[jax.Array, Metrics]:
+    """Temperature loss ``-E[log_alpha * (log pi + target_entropy)]`` (SAC v2): alpha
+    grows when the policy's entropy falls below the target and shrinks above it."""
+    loss = -jnp.mean(log_alpha * jax.lax.stop_gradient(log_prob + target_entropy))
+    return loss, {"alpha_loss": loss, "alpha": jnp.exp(log_alpha)}
+
+
+def gradient_step(
+    loss_fn: Callable[..., tuple[jax.Array, Metrics]],
+    params: Params,
+    opt_state: optax.OptState,
+    optimizer: optax.GradientTransformation,
+    *args: Any,
+    **kwargs: Any,
+) -> tuple[Params, optax.OptState, Metrics]:
+    """The one generic update: differentiate ``loss_fn`` in its first argument, apply the
+    optimizer, return the new parameters, optimizer state and the loss's metrics."""
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(params, *args, **kwargs)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, metrics
+
+
+def polyak(target: Params, online: Params, tau: float) -> Params:
+    """``target <- (1 - tau) * target + tau * online``."""
+    return jax.tree.map(lambda t, o: (1.0 - tau) * t + tau * o, target, online)

@@ -1,0 +1,177 @@
+"""``mjxsac-render``: load a policy from a checkpoint and write a video of it.
+
+    mjxsac-render runs/<run>                      # latest checkpoint -> runs/<run>/video.mp4
+    mjxsac-render runs/<run>/checkpoints/120000 --out hopper.mp4 --episodes 3 --gif
+
+Runs on a CPU-only machine: the policy and the MJX env run on whatever JAX device there
+is, frames come from MuJoCo's own renderer, headless through EGL (default) or OSMesa
+(``MUJOCO_GL=osmesa``, needs the system's ``libosmesa6``).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco is imported
+
+import argparse
+import functools
+import sys
+import warnings
+from pathlib import Path
+
+import jax
+import mujoco
+import numpy as np
+
+from envs import scale_action
+from mjxsac import normalizer as obs_norm
+from mjxsac.checkpoint import CheckpointError, Checkpoints, find_checkpoints
+from mjxsac.networks import deterministic_action, sample_action
+from mjxsac.sac import Trainer
+from mjxsac.train import quiet_libraries
+
+
+class PolicyRunner:
+    """Rolls the policy out in the MJX env and renders each step with MuJoCo."""
+
+    def __init__(self, trainer: Trainer, policy: dict, width: int, height: int):
+        self.trainer, self.policy, self.env = trainer, policy, trainer.env
+        model = self.env.mj_model
+        model.vis.global_.offwidth = max(model.vis.global_.offwidth, width)
+        model.vis.global_.offheight = max(model.vis.global_.offheight, height)
+        self.renderer = mujoco.Renderer(model, height, width)
+        self.data = mujoco.MjData(model)
+        self.camera = mujoco.MjvCamera()
+        mujoco.mjv_defaultFreeCamera(model, self.camera)
+        if self.env.camera_tracks:
+            self.camera.type = mujoco.mjtCamera.mjCAMERA_TRACKING
+            self.camera.trackbodyid = 1
+        self.camera.distance = self.env.camera_distance
+        self.camera.elevation = -20.0
+        self.camera.azimuth = 90.0
+
+    def frame(self, state) -> np.ndarray:
+        self.data.qpos[:] = np.asarray(state.data.qpos)
+        self.data.qvel[:] = np.asarray(state.data.qvel)
+        mujoco.mj_forward(self.env.mj_model, self.data)
+        self.renderer.update_scene(self.data, camera=self.camera)
+        return self.renderer.render().copy()
+
+    def episode(self, key, stochastic: bool, max_steps: int):
+        """Frames and the return of one episode (until termination or the time limit)."""
+        reset_key, key = jax.random.split(key)
+        state = _reset(self.trainer, reset_key)
+        frames, total = [self.frame(state)], 0.0
+        for _ in range(max_steps):
+            key, act_key = jax.random.split(key)
+            state = _act_and_step(self.trainer, stochastic, self.policy, state, act_key)
+            total += float(state.reward)
+            frames.append(self.frame(state))
+            if bool(state.terminated):
+                break
+        return frames, total
+
+
+# Jitted with the trainer static: trainers of equal configs share the compiled programs.
+@functools.partial(jax.jit, static_argnums=0)
+def _reset(trainer: Trainer, key: jax.Array):
+    return trainer.env.reset(key)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _act_and_step(trainer: Trainer, stochastic: bool, policy: dict, state, key: jax.Array):
+    """One policy action (sampled or the mean) and one env step."""
+    obs = obs_norm.normalize(policy["normalizer"], state.obs)
+    mean, log_std = trainer.actor.apply(policy["actor"], obs)
+    action = sample_action(mean, log_std, key)[0] if stochastic else deterministic_action(mean)
+    return trainer.env.step(state, scale_action(trainer.env, action))
+
+
+def load(path: str | Path) -> tuple[Trainer, dict, int]:
+    """The trainer (from the checkpoint's own config) and the policy of a checkpoint."""
+    directory, step = find_checkpoints(path)
+    ckpt = Checkpoints(directory, read_only=True)
+    step = ckpt.latest() if step is None else step
+    config = ckpt.config(step)
+    trainer = Trainer(config)
+    return trainer, ckpt.restore_policy(trainer, step), step
+
+
+def write_video(frames: list[np.ndarray], path: Path, fps: float) -> Path:
+    import imageio.v2 as imageio
+
+    # imageio-ffmpeg starts ffmpeg with fork+exec, which is safe; Python warns anyway.
+    warnings.filterwarnings("ignore", message="os.fork\\(\\) was called")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    if path.suffix == ".gif":
+        step = max(1, round(fps / 25))  # GIFs play at <= 25 fps; keep their size sane
+        imageio.mimsave(tmp, frames[::step], duration=step / float(fps), loop=0)
+    else:
+        imageio.mimsave(tmp, frames, fps=float(fps), macro_block_size=1)
+    tmp.replace(path)
+    return path
+
+
+def render_run(
+    checkpoint: str | Path,
+    out: str | Path | None = None,
+    episodes: int = 1,
+    stochastic: bool = False,
+    gif: bool = False,
+    width: int = 480,
+    height: int = 360,
+    max_steps: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Roll out ``episodes`` of the checkpoint's policy and write them as one video;
+    returns the MP4's path. Prints each episode's return."""
+    trainer, policy, step = load(checkpoint)
+    run_dir = find_checkpoints(checkpoint)[0].parent
+    out = Path(out) if out else run_dir / "video.mp4"
+    runner = PolicyRunner(trainer, policy, width, height)
+    max_steps = max_steps or trainer.config.episode_length
+    key, frames, returns = jax.random.key(seed), [], []
+    for i in range(episodes):
+        episode_frames, ret = runner.episode(jax.random.fold_in(key, i), stochastic, max_steps)
+        frames += episode_frames
+        returns.append(ret)
+        print(f"episode {i}: return {ret:,.2f} over {len(episode_frames) - 1} steps")
+    fps = 1.0 / trainer.env.dt
+    write_video(frames, out, fps)
+    print(
+        f"{trainer.config.env} at env step {step:,}: wrote {out} ({len(frames)} frames, "
+        f"{fps:.0f} fps); mean return {np.mean(returns):,.2f}"
+    )
+    if gif:
+        print(f"wrote {write_video(frames, out.with_suffix('.gif'), fps)}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="run directory, its checkpoints/ or one step")
+    parser.add_argument("--out", help="video path (.mp4); default <run>/video.mp4")
+    parser.add_argument("--episodes", type=int, default=1)
+    parser.add_argument("--stochastic", action="store_true", help="sample actions")
+    parser.add_argument("--gif", action="store_true", help="also write a GIF beside the MP4")
+    parser.add_argument("--width", type=int, default=480)
+    parser.add_argument("--height", type=int, default=360)
+    parser.add_argument("--max-steps", type=int, help="per episode; default: the time limit")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    if args.episodes < 1 or args.width < 1 or args.height < 1:
+        parser.error("--episodes, --width and --height must be positive")
+    try:
+        render_run(
+            args.checkpoint, args.out, args.episodes, args.stochastic, args.gif,
+            args.width, args.height, args.max_steps, args.seed,
+        )  # fmt: skip
+    except (CheckpointError, FileNotFoundError) as e:
+        sys.exit(f"mjxsac-render: {e}")
+
+
+if __name__ == "__main__":
+    main()

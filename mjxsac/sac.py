@@ -1,0 +1,363 @@
+"""The fused SAC pipeline: acting, env stepping, replay and updates in one ``lax.scan``.
+
+Three levels, each short:
+
+* ``update(state, key)``: one SAC gradient update (v1 or v2) from a replayed batch;
+* ``train_step(state)``: act on all envs, step them, insert, then ``updates_per_step``
+  updates (after the warm-up);
+* ``train_chunk = jit(scan(train_step))``: ``steps_per_chunk`` train steps without
+  leaving the device. The host sees the ``TrainState`` only between chunks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+import envs
+from envs import scale_action
+from mjxsac import buffer as replay
+from mjxsac import normalizer as obs_norm
+from mjxsac.config import Config
+from mjxsac.losses import (
+    Nets,
+    Transition,
+    actor_loss,
+    alpha_loss,
+    critic_loss_v1,
+    critic_loss_v2,
+    gradient_step,
+    polyak,
+    value_loss_v1,
+)
+from mjxsac.networks import Actor, DoubleQ, Value, deterministic_action, sample_action
+
+Params = Any
+# CPU backends cannot reuse donated buffers; the donation still matters on GPU.
+warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training, carried through ``lax.scan``."""
+
+    actor: Params
+    critic: Params
+    target_critic: Params
+    value: Params | None
+    """SAC v1 only."""
+    target_value: Params | None
+    actor_opt: optax.OptState
+    critic_opt: optax.OptState
+    value_opt: optax.OptState | None
+    alpha_opt: optax.OptState | None
+    """SAC v2 only."""
+    log_alpha: jax.Array
+    normalizer: obs_norm.Normalizer
+    buffer: replay.ReplayBuffer
+    env_state: envs.State
+    episode_return: jax.Array
+    """Return so far of each env's current episode."""
+    key: jax.Array
+    env_steps: jax.Array
+    updates: jax.Array
+
+
+class Trainer:
+    """The static half of a run: config, envs, networks, optimizers, compiled functions."""
+
+    def __init__(self, config: Config):
+        self.config = config.validate()
+        c = config
+        self.env = envs.make(c.env, **c.env_kwargs())
+        self.train_env = envs.wrap(self.env, c.num_envs, c.episode_length)
+        self.eval_env = envs.VmapEnv(envs.TimeLimit(self.env, c.episode_length), c.eval_envs)
+        self.obs_size, self.action_size = self.env.observation_size, self.env.action_size
+        hidden = tuple(c.hidden_sizes)
+        self.actor = Actor(hidden, self.action_size, c.activation, c.log_std_min, c.log_std_max)
+        self.critic = DoubleQ(hidden, c.activation, c.critic_layer_norm)
+        self.value = Value(hidden, c.activation, c.critic_layer_norm) if self.v1 else None
+        self.nets = Nets(
+            actor=self.actor.apply,
+            critic=self.critic.apply,
+            value=self.value.apply if self.value else None,
+        )
+        self.actor_opt = optax.adam(c.actor_lr)
+        self.critic_opt = optax.adam(c.critic_lr)
+        self.alpha_opt = optax.adam(c.alpha_lr)
+        self.target_entropy = (
+            -float(self.action_size) if c.target_entropy is None else float(c.target_entropy)
+        )
+        self._identity = config.compiled_identity()
+
+    # Trainers with equal configs compile to the same programs: jit's cache (keyed on the
+    # static trainer's hash) then serves a second trainer, e.g. a resumed run's, at once.
+    def __hash__(self) -> int:
+        return hash(self._identity)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Trainer) and self._identity == other._identity
+
+    def init(self, key: jax.Array) -> TrainState:
+        """A fresh TrainState: initial parameters, empty buffer, reset envs."""
+        return place(_jit_init(self, key))
+
+    def train_chunk(self, state: TrainState) -> tuple[TrainState, dict]:
+        """``steps_per_chunk`` train steps, compiled once; ``state`` is donated."""
+        return _jit_train_chunk(self, state)
+
+    def evaluate(self, actor: Params, normalizer: obs_norm.Normalizer, key: jax.Array):
+        """Per-episode returns and lengths of ``eval_envs`` deterministic episodes."""
+        return _jit_evaluate(self, actor, normalizer, key)
+
+    @property
+    def v1(self) -> bool:
+        return self.config.algo == "sac-v1"
+
+    # ---- state ----------------------------------------------------------------------------
+
+    def _init(self, key: jax.Array) -> TrainState:
+        c = self.config
+        k_actor, k_critic, k_value, k_env, key = jax.random.split(key, 5)
+        obs = jnp.zeros((1, self.obs_size))
+        act = jnp.zeros((1, self.action_size))
+        actor = self.actor.init(k_actor, obs)
+        critic = self.critic.init(k_critic, obs, act)
+        value = self.value.init(k_value, obs) if self.v1 else None
+        return TrainState(
+            actor=actor,
+            critic=critic,
+            target_critic=critic,
+            value=value,
+            target_value=value,
+            actor_opt=self.actor_opt.init(actor),
+            critic_opt=self.critic_opt.init(critic),
+            value_opt=self.critic_opt.init(value) if self.v1 else None,
+            alpha_opt=None if self.v1 else self.alpha_opt.init(jnp.zeros(())),
+            log_alpha=jnp.asarray(0.0 if self.v1 else math.log(c.init_alpha), jnp.float32),
+            normalizer=obs_norm.init(self.obs_size, c.normalize_obs),
+            buffer=replay.init(c.buffer_size, self.obs_size, self.action_size),
+            env_state=self.train_env.reset(k_env),
+            episode_return=jnp.zeros((c.num_envs,), jnp.float32),
+            key=key,
+            env_steps=jnp.zeros((), jnp.int32),
+            updates=jnp.zeros((), jnp.int32),
+        )
+
+    # ---- level 1: one SAC update ----------------------------------------------------------------
+
+    def update(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
+        """One gradient update of every network from a uniformly replayed batch."""
+        c, nets = self.config, self.nets
+        k_batch, k_critic, k_actor, k_value = jax.random.split(key, 4)
+        batch = replay.sample(state.buffer, k_batch, c.batch_size)
+        batch = batch.replace(
+            obs=obs_norm.normalize(state.normalizer, batch.obs),
+            next_obs=obs_norm.normalize(state.normalizer, batch.next_obs),
+        )
+        metrics: dict[str, jax.Array] = {}
+        if self.v1:
+            value, value_opt, m = gradient_step(
+                value_loss_v1, state.value, state.value_opt, self.critic_opt,
+                state.actor, state.critic, batch.obs, k_value, nets=nets, alpha=1.0,
+            )  # fmt: skip
+            metrics |= m
+            critic, critic_opt, m = gradient_step(
+                critic_loss_v1, state.critic, state.critic_opt, self.critic_opt,
+                state.target_value, batch, nets=nets, gamma=c.gamma, reward_scale=c.reward_scale,
+            )  # fmt: skip
+        else:
+            critic, critic_opt, m = gradient_step(
+                critic_loss_v2, state.critic, state.critic_opt, self.critic_opt,
+                state.target_critic, state.actor, state.log_alpha, batch, k_critic,
+                nets=nets, gamma=c.gamma, reward_scale=c.reward_scale,
+            )  # fmt: skip
+        metrics |= m
+        actor, actor_opt, m = gradient_step(
+            actor_loss, state.actor, state.actor_opt, self.actor_opt,
+            critic, state.log_alpha, batch.obs, k_actor, nets=nets,
+        )  # fmt: skip
+        log_prob = m.pop("log_prob")
+        metrics |= m
+        state = state.replace(
+            actor=actor,
+            critic=critic,
+            actor_opt=actor_opt,
+            critic_opt=critic_opt,
+            updates=state.updates + 1,
+        )
+        if self.v1:
+            return state.replace(
+                value=value,
+                value_opt=value_opt,
+                target_value=polyak(state.target_value, value, c.tau),
+            ), metrics
+        log_alpha, alpha_opt, m = gradient_step(
+            alpha_loss, state.log_alpha, state.alpha_opt, self.alpha_opt,
+            log_prob, target_entropy=self.target_entropy,
+        )  # fmt: skip
+        metrics |= m
+        return state.replace(
+            log_alpha=log_alpha,
+            alpha_opt=alpha_opt,
+            target_critic=polyak(state.target_critic, critic, c.tau),
+        ), metrics
+
+    # ---- level 2: one step of every env, then the updates ----------------------------------------
+
+    def train_step(self, state: TrainState, _: Any = None) -> tuple[TrainState, dict]:
+        c = self.config
+        key, k_policy, k_random, k_update = jax.random.split(state.key, 4)
+        obs = state.env_state.obs
+        mean, log_std = self.actor.apply(state.actor, obs_norm.normalize(state.normalizer, obs))
+        policy_action, _ = sample_action(mean, log_std, k_policy)
+        random_action = jax.random.uniform(k_random, policy_action.shape, minval=-1, maxval=1)
+        warming_up = state.env_steps < c.warmup_steps
+        action = jnp.where(warming_up, random_action, policy_action)
+        env_state = self.train_env.step(state.env_state, scale_action(self.env, action))
+        rows = Transition(
+            obs=obs,
+            action=action,
+            reward=env_state.reward,
+            next_obs=env_state.final_obs,
+            terminated=env_state.terminated,
+        )
+        done = env_state.terminated | env_state.truncated
+        episode_return = state.episode_return + env_state.reward
+        state = state.replace(
+            buffer=replay.insert(state.buffer, rows),
+            normalizer=obs_norm.update(state.normalizer, obs),
+            env_state=env_state,
+            episode_return=jnp.where(done, 0.0, episode_return),
+            key=key,
+            env_steps=state.env_steps + c.num_envs,
+        )
+        if c.updates_per_step == 0:  # data collection only (throughput benchmarks)
+            state, metrics = self._no_updates(state, k_update)
+        else:
+            # Updates start once the warm-up has filled the buffer (after a resume without
+            # a saved buffer they wait until it has refilled that far).
+            ready = state.buffer.size >= max(c.warmup_steps, c.batch_size)
+            state, metrics = jax.lax.cond(
+                ready,
+                self._updates,
+                self._no_updates,
+                state,
+                k_update,
+            )
+        metrics["episodes"] = jnp.sum(done)
+        metrics["episode_return_sum"] = jnp.sum(jnp.where(done, episode_return, 0.0))
+        metrics["reward"] = jnp.mean(env_state.reward)
+        return state, metrics
+
+    def _updates(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
+        keys = jax.random.split(key, self.config.updates_per_step)
+        state, metrics = jax.lax.scan(self.update, state, keys)
+        metrics = jax.tree.map(jnp.mean, metrics)
+        metrics["updated"] = jnp.ones((), jnp.float32)
+        return state, metrics
+
+    def _no_updates(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
+        if self.config.updates_per_step == 0:
+            return state, {"updated": jnp.zeros((), jnp.float32)}
+        shapes = jax.eval_shape(self._updates, state, key)[1]
+        return state, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    # ---- level 3: a compiled chunk ---------------------------------------------------------------
+
+    def _train_chunk(self, state: TrainState) -> tuple[TrainState, dict]:
+        return jax.lax.scan(self.train_step, state, None, length=self.config.steps_per_chunk)
+
+    # ---- evaluation -------------------------------------------------------------------------
+
+    def _evaluate(self, actor: Params, normalizer: obs_norm.Normalizer, key: jax.Array):
+        """Full episodes on ``eval_envs`` fresh envs with the deterministic mean action.
+        Returns per-episode returns and lengths."""
+        state = self.eval_env.reset(key)
+        n = self.config.eval_envs
+        carry = (state, jnp.zeros(n), jnp.zeros(n, jnp.int32), jnp.ones(n, bool))
+
+        def running(carry):
+            return jnp.any(carry[3])
+
+        def step(carry):
+            state, returns, lengths, alive = carry
+            mean, _ = self.actor.apply(actor, obs_norm.normalize(normalizer, state.obs))
+            state = self.eval_env.step(state, scale_action(self.env, deterministic_action(mean)))
+            returns = returns + jnp.where(alive, state.reward, 0.0)
+            lengths = lengths + alive
+            alive = alive & ~(state.terminated | state.truncated)
+            return state, returns, lengths, alive
+
+        _, returns, lengths, _ = jax.lax.while_loop(running, step, carry)
+        return returns, lengths
+
+
+_jit_init = jax.jit(Trainer._init, static_argnums=0)
+_jit_train_chunk = jax.jit(Trainer._train_chunk, static_argnums=0, donate_argnums=1)
+_jit_evaluate = jax.jit(Trainer._evaluate, static_argnums=0)
+
+
+def place(state: TrainState) -> TrainState:
+    """Commit every array to the default device. Fresh and restored states then look alike
+    to ``jit`` (committed arrays), so a resumed state reuses the compiled chunk."""
+    return jax.device_put(state, jax.devices()[0])
+
+
+def check_memory(trainer: Trainer, refuse: bool = True) -> str:
+    """Refuse a replay buffer that cannot fit, before anything is allocated or compiled;
+    returns the estimate as a sentence."""
+    config = trainer.config
+    row = replay.row_bytes(trainer.obs_size, trainer.action_size)
+    need = config.buffer_size * row
+    free, where = available_bytes()
+    estimate = (
+        f"the replay buffer needs {need / 2**30:.2f} GiB ({config.buffer_size:,} transitions "
+        f"x {row} bytes)"
+    )
+    if free is None:
+        return estimate
+    estimate += f"; {where} has {free / 2**30:.2f} GiB free"
+    if refuse and need > 0.8 * free:
+        raise MemoryError(f"{estimate}: lower buffer_size")
+    return estimate
+
+
+def available_bytes() -> tuple[int | None, str]:
+    """Free memory of the default device: the accelerator's, or the host's RAM on CPU."""
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return stats["bytes_limit"] - stats.get("bytes_in_use", 0), str(device)
+    try:
+        pages = os.sysconf("SC_AVPHYS_PAGES")
+        return pages * os.sysconf("SC_PAGE_SIZE"), "host memory"
+    except (ValueError, OSError, AttributeError):
+        return None, "host memory"
+
+
+def seed_key(seed: int) -> jax.Array:
+    """The run's root key (raw uint32 data, which checkpoints store as a plain array)."""
+    return jax.random.key_data(jax.random.key(seed))
+
+
+def chunk_summary(metrics: dict) -> dict[str, float]:
+    """Reduce a chunk's stacked per-step metrics to host floats."""
+    m = {k: np.asarray(v) for k, v in metrics.items()}
+    updated = m.pop("updated")
+    episodes, returns = m.pop("episodes"), m.pop("episode_return_sum")
+    out = {"train/reward": float(m.pop("reward").mean())}
+    if episodes.sum() > 0:
+        out["train/episode_return"] = float(returns.sum() / episodes.sum())
+    if updated.sum() > 0:
+        for k, v in m.items():
+            out[f"loss/{k}"] = float((v * updated).sum() / updated.sum())
+    return out

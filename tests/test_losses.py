@@ -1,0 +1,222 @@
+"""The SAC losses against a float64 NumPy reference on fixed small inputs.
+
+The networks are replaced by small linear functions whose outputs NumPy computes too, so
+every term of each loss (twin-Q minimum, entropy bonus, temperature, reward scale,
+bootstrapping through truncation, stopping at termination) is checked arithmetically.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mjxsac import losses
+from mjxsac.losses import Nets, Transition
+from mjxsac.networks import sample_action
+
+OBS, ACT, BATCH = 3, 2, 5
+rng = np.random.default_rng(0)
+W = {
+    "q": rng.normal(size=(2, OBS + ACT)) * 0.5,
+    "q_bias": np.array([0.3, -0.2]),
+    "mean": rng.normal(size=(OBS, ACT)) * 0.5,
+    "log_std": rng.normal(size=(OBS, ACT)) * 0.2,
+    "v": rng.normal(size=OBS),
+}
+
+
+def critic(params, obs, action):
+    x = jnp.concatenate([obs, action], axis=-1)
+    return params["q"] @ x.T + params["q_bias"][:, None]
+
+
+def actor(params, obs):
+    return obs @ params["mean"], obs @ params["log_std"]
+
+
+def value(params, obs):
+    return obs @ params["v"]
+
+
+NETS = Nets(actor=actor, critic=critic, value=value)
+
+
+def np_critic(p, obs, action):
+    return p["q"] @ np.concatenate([obs, action], axis=-1).T + p["q_bias"][:, None]
+
+
+def np_sample(p, obs, eps):
+    mean, log_std = obs @ p["mean"], obs @ p["log_std"]
+    u = mean + np.exp(log_std) * eps
+    log_gauss = -0.5 * ((u - mean) / np.exp(log_std)) ** 2 - log_std - 0.5 * np.log(2 * np.pi)
+    log_prob = np.sum(log_gauss - np.log(1.0 - np.tanh(u) ** 2), axis=-1)
+    return np.tanh(u), log_prob
+
+
+def params(scale=1.0):
+    return {k: jnp.asarray(v * scale) for k, v in W.items()}
+
+
+def np_params(scale=1.0):
+    return {k: v * scale for k, v in W.items()}
+
+
+@pytest.fixture
+def batch():
+    obs = rng.normal(size=(BATCH, OBS))
+    next_obs = rng.normal(size=(BATCH, OBS))
+    return Transition(
+        obs=jnp.asarray(obs),
+        action=jnp.asarray(rng.uniform(-1, 1, size=(BATCH, ACT))),
+        reward=jnp.asarray(rng.normal(size=BATCH)),
+        next_obs=jnp.asarray(next_obs),
+        # row 1 terminated; row 3 is a truncated transition: not terminated, and next_obs
+        # holds the final observation of the ended episode.
+        terminated=jnp.asarray([False, True, False, False, False]),
+    )
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def eps_for(key, shape):
+    return np.asarray(jax.random.normal(key, shape, jnp.float64))
+
+
+def test_sample_action_matches_the_change_of_variables():
+    key = jax.random.key(0)
+    obs = rng.normal(size=(BATCH, OBS))
+    mean, log_std = actor(params(), jnp.asarray(obs))
+    action, log_prob = sample_action(mean, log_std, key)
+    ref_action, ref_log_prob = np_sample(np_params(), obs, eps_for(key, (BATCH, ACT)))
+    np.testing.assert_allclose(action, ref_action, rtol=1e-12)
+    np.testing.assert_allclose(log_prob, ref_log_prob, rtol=1e-10)
+    assert np.all(np.abs(action) < 1)
+
+
+def test_sample_action_is_stable_far_in_the_tails():
+    mean = jnp.asarray([[30.0, -30.0]])
+    action, log_prob = sample_action(mean, jnp.zeros_like(mean), jax.random.key(1))
+    assert np.all(np.isfinite(log_prob)) and np.all(np.abs(action) <= 1)
+
+
+@pytest.mark.parametrize("reward_scale", [1.0, 5.0])
+def test_critic_loss_v2(batch, reward_scale):
+    key, gamma, log_alpha = jax.random.key(2), 0.9, np.log(0.3)
+    online, target, pi = params(), params(0.8), params(1.1)
+    loss, metrics = losses.critic_loss_v2(
+        online, target, pi, jnp.asarray(log_alpha), batch, key,
+        nets=NETS, gamma=gamma, reward_scale=reward_scale,
+    )  # fmt: skip
+    b = jax.tree.map(np.asarray, batch)
+    next_a, next_logp = np_sample(np_params(1.1), b.next_obs, eps_for(key, (BATCH, ACT)))
+    next_v = np_critic(np_params(0.8), b.next_obs, next_a).min(0) - 0.3 * next_logp
+    y = reward_scale * b.reward + gamma * (1 - b.terminated) * next_v
+    q = np_critic(np_params(), b.obs, b.action)
+    expected = 0.5 * ((q - y) ** 2).mean(1).sum()
+    np.testing.assert_allclose(loss, expected, rtol=1e-10)
+    np.testing.assert_allclose(metrics["target_q"], y.mean(), rtol=1e-10)
+
+
+def test_critic_loss_v1(batch):
+    gamma, scale = 0.99, 5.0
+    loss, _ = losses.critic_loss_v1(
+        params(), params(0.7), batch, nets=NETS, gamma=gamma, reward_scale=scale
+    )
+    b = jax.tree.map(np.asarray, batch)
+    y = scale * b.reward + gamma * (1 - b.terminated) * (b.next_obs @ W["v"] * 0.7)
+    q = np_critic(np_params(), b.obs, b.action)
+    np.testing.assert_allclose(loss, 0.5 * ((q - y) ** 2).mean(1).sum(), rtol=1e-10)
+
+
+@pytest.mark.parametrize("algo", ["v1", "v2"])
+def test_bootstrap_through_truncation_not_termination(batch, algo):
+    """Changing next_obs of the terminated row leaves the loss unchanged; changing it for
+    the truncated row (row 3) changes it: truncation bootstraps from the final obs."""
+
+    def loss_with(next_obs):
+        b = batch.replace(next_obs=next_obs)
+        if algo == "v1":
+            return losses.critic_loss_v1(
+                params(), params(0.7), b, nets=NETS, gamma=0.99, reward_scale=1.0
+            )[0]
+        return losses.critic_loss_v2(
+            params(), params(0.8), params(), jnp.asarray(0.0), b, jax.random.key(3),
+            nets=NETS, gamma=0.99, reward_scale=1.0,
+        )[0]  # fmt: skip
+
+    base = loss_with(batch.next_obs)
+    assert float(loss_with(batch.next_obs.at[1].add(3.0))) == pytest.approx(float(base), 1e-12)
+    assert abs(float(loss_with(batch.next_obs.at[3].add(3.0))) - float(base)) > 1e-3
+
+
+def test_critic_gradient_stops_at_the_target(batch):
+    """Only the online Qs receive gradient: the target is a constant."""
+    grads, _ = jax.grad(losses.critic_loss_v2, argnums=(0, 1, 2), has_aux=True)(
+        params(), params(0.8), params(1.1), jnp.asarray(0.0), batch, jax.random.key(4),
+        nets=NETS, gamma=0.99, reward_scale=1.0,
+    )  # fmt: skip
+    assert float(jnp.abs(grads[0]["q"]).sum()) > 0
+    assert float(jnp.abs(grads[1]["q"]).sum()) == 0
+    assert float(jnp.abs(grads[2]["mean"]).sum()) == 0
+
+
+def test_value_loss_v1(batch):
+    key, alpha = jax.random.key(5), 1.0
+    loss, _ = losses.value_loss_v1(
+        params(0.5), params(1.2), params(), batch.obs, key, nets=NETS, alpha=alpha
+    )
+    obs = np.asarray(batch.obs)
+    a, logp = np_sample(np_params(1.2), obs, eps_for(key, (BATCH, ACT)))
+    target = np_critic(np_params(), obs, a).min(0) - alpha * logp
+    v = obs @ W["v"] * 0.5
+    np.testing.assert_allclose(loss, 0.5 * ((v - target) ** 2).mean(), rtol=1e-10)
+
+
+def test_actor_loss(batch):
+    key, log_alpha = jax.random.key(6), np.log(0.2)
+    loss, metrics = losses.actor_loss(
+        params(), params(0.9), jnp.asarray(log_alpha), batch.obs, key, nets=NETS
+    )
+    obs = np.asarray(batch.obs)
+    a, logp = np_sample(np_params(), obs, eps_for(key, (BATCH, ACT)))
+    expected = (0.2 * logp - np_critic(np_params(0.9), obs, a).min(0)).mean()
+    np.testing.assert_allclose(loss, expected, rtol=1e-10)
+    np.testing.assert_allclose(metrics["entropy"], -logp.mean(), rtol=1e-10)
+    # The temperature is a constant for the actor: no gradient flows into log_alpha.
+    g = jax.grad(lambda la: losses.actor_loss(params(), params(0.9), la, batch.obs, key,
+                                              nets=NETS)[0])(jnp.asarray(log_alpha))  # fmt: skip
+    assert float(g) == 0.0
+
+
+def test_alpha_loss_moves_alpha_toward_the_target_entropy():
+    log_prob = jnp.asarray([1.0, 2.0, 0.5])  # entropy estimate: -mean = -1.17
+    loss, metrics = losses.alpha_loss(jnp.asarray(np.log(0.5)), log_prob, target_entropy=-2.0)
+    np.testing.assert_allclose(loss, -np.log(0.5) * (np.asarray(log_prob) - 2.0).mean())
+    np.testing.assert_allclose(metrics["alpha"], 0.5)
+    # Entropy -1.17 is above the target -2: gradient descent must shrink alpha.
+    g = jax.grad(lambda la: losses.alpha_loss(la, log_prob, target_entropy=-2.0)[0])(0.0)
+    assert float(g) > 0
+    # Entropy below the target: alpha must grow.
+    g = jax.grad(lambda la: losses.alpha_loss(la, log_prob, target_entropy=0.0)[0])(0.0)
+    assert float(g) < 0
+
+
+def test_gradient_step_and_polyak():
+    def quadratic(p, target):
+        return jnp.sum((p["x"] - target) ** 2), {"loss": jnp.sum((p["x"] - target) ** 2)}
+
+    opt = optax.sgd(0.25)
+    p = {"x": jnp.asarray([1.0, -2.0])}
+    new, _, metrics = losses.gradient_step(quadratic, p, opt.init(p), opt, jnp.asarray(3.0))
+    # x - 0.25 * 2 * (x - 3)
+    np.testing.assert_allclose(new["x"], [2.0, 0.5])
+    np.testing.assert_allclose(metrics["loss"], 4.0 + 25.0)
+    out = losses.polyak({"w": jnp.asarray(1.0)}, {"w": jnp.asarray(3.0)}, 0.25)
+    np.testing.assert_allclose(out["w"], 1.5)

@@ -1,0 +1,260 @@
+"""Runs users can keep: checkpoints and exact resume, safe failure, rendering, wandb,
+sweeps. All on InvertedPendulum with one shared config (one xdist worker), so the programs
+compiled for the first run serve the others: the fields that differ between these runs
+never reach the compiled code."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import imageio.v2 as imageio
+import jax
+import numpy as np
+import pytest
+import yaml
+
+import envs
+from mjxsac import render
+from mjxsac import train as train_cli
+from mjxsac.checkpoint import CheckpointError, Checkpoints
+from mjxsac.runlog import RunDir
+from mjxsac.sac import Trainer
+
+pytestmark = pytest.mark.xdist_group("runs")
+
+# The `cpu` preset with 2,000 env steps per chunk and a short warm-up.
+BASE = ["--env", "InvertedPendulum", "--preset", "cpu", "--warmup-steps", "1000"]
+SWEEPS = Path(__file__).parent.parent / "launch" / "sweeps"
+
+
+def run_cli(run_dir: Path, *extra: str) -> None:
+    train_cli.main([*BASE, "--run-dir", str(run_dir), *extra])
+
+
+def final_state(run_dir: Path):
+    ckpt = Checkpoints(run_dir / "checkpoints", read_only=True)
+    trainer = Trainer(ckpt.config())
+    return jax.tree.map(np.asarray, ckpt.restore(trainer))
+
+
+def metrics_without_times(run_dir: Path) -> list[dict]:
+    rows = RunDir(run_dir).read_metrics()
+    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Path:
+    """An uninterrupted run of 3 chunks, checkpointing every chunk with the buffer."""
+    run_dir = tmp_path_factory.mktemp("runs") / "full"
+    run_cli(run_dir, "--total-steps", "6000", "--checkpoint-every", "1", "--save-buffer")
+    return run_dir
+
+
+def test_checkpoint_contents(trained):
+    ckpt = Checkpoints(trained / "checkpoints", read_only=True)
+    assert ckpt.steps() == [2000, 4000, 6000]
+    assert ckpt.meta() == {
+        "env_steps": 6000,
+        "has_buffer": True,
+        "eval_return": json.loads((trained / "metrics.jsonl").read_text().splitlines()[-1])[
+            "eval/return_mean"
+        ],
+    }
+    assert ckpt.config().to_dict() == json.loads((trained / "config.json").read_text())
+    state = final_state(trained)
+    assert int(state.env_steps) == 6000 and int(state.buffer.size) == 6000
+    assert np.isfinite(state.log_alpha)
+
+
+def test_resume_with_buffer_continues_exactly(trained, tmp_path):
+    """Stopped after 2 chunks and resumed for 1 more: the same parameters, optimizer
+    states, buffer, env states, keys and metrics as the uninterrupted run."""
+    run_dir = tmp_path / "interrupted"
+    run_cli(run_dir, "--total-steps", "4000", "--checkpoint-every", "1", "--save-buffer")
+    train_cli.main(["--resume", str(run_dir), "--total-steps", "6000"])
+    a, b = final_state(trained), final_state(run_dir)
+    same = jax.tree.map(np.array_equal, a, b)
+    assert all(jax.tree.leaves(same)), "resumed state differs from the uninterrupted one"
+    assert metrics_without_times(run_dir) == metrics_without_times(trained)
+
+
+def test_resume_refuses_another_task_or_algorithm(trained, capsys):
+    for flag, value in (("--env", "Hopper"), ("--algo", "sac-v1"), ("--num-envs", "8")):
+        with pytest.raises(SystemExit) as exit_info:
+            train_cli.main(["--resume", str(trained), flag, value])
+        assert "different run" in str(exit_info.value.code)
+        assert flag.lstrip("-").replace("-", "_") in str(exit_info.value.code)
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        train_cli.main(["--resume", str(trained.parent / "missing")])
+
+
+def test_checkpoint_of_another_run_does_not_restore(trained, tmp_path):
+    hopper = Trainer(train_cli.parse_args(["--env", "Hopper", "--preset", "cpu"])[0])
+    with pytest.raises(CheckpointError, match="different run"):
+        Checkpoints(trained / "checkpoints", read_only=True).restore(hopper)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
+    run_dir = tmp_path / "stopped"
+    metrics = run_dir / "metrics.jsonl"
+
+    def stop_after_first_chunk():
+        while not metrics.exists() or not metrics.read_text():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_after_first_chunk, daemon=True).start()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(run_dir, "--total-steps", "10000", "--checkpoint-every", "100")
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    ckpt = Checkpoints(run_dir / "checkpoints", read_only=True)
+    stopped_at = ckpt.latest()
+    assert stopped_at in (2000, 4000), "saved at the end of the chunk the signal fell in"
+    assert not ckpt.meta()["has_buffer"]
+    # Resuming without a saved buffer: the run refills it, then learns on to the end.
+    train_cli.main(["--resume", str(run_dir), "--total-steps", str(stopped_at + 2000)])
+    rows = RunDir(run_dir).read_metrics()
+    assert [r["env_steps"] for r in rows] == list(range(2000, stopped_at + 2001, 2000))
+
+
+def test_non_finite_values_stop_the_run_and_keep_the_last_checkpoint(trained, tmp_path):
+    run_dir = tmp_path / "nan"
+    ckpt = Checkpoints(trained / "checkpoints", read_only=True)
+    trainer = Trainer(ckpt.config())
+    good = ckpt.restore(trainer, 4000)
+    poisoned = good.replace(critic=jax.tree.map(lambda x: x * np.nan, good.critic))
+    with pytest.raises(train_cli.NonFiniteError, match=r"non-finite \S+.* at env step"):
+        train_cli.train(trainer, RunDir(run_dir), poisoned)
+    assert (
+        not (run_dir / "checkpoints").exists()
+        or not Checkpoints(run_dir / "checkpoints", read_only=True).steps()
+    ), "nothing is saved from a non-finite state"
+
+
+def test_check_finite_names_the_quantity_and_step():
+    cfg = train_cli.Config(num_envs=4, steps_per_chunk=10)
+    metrics = {"critic_loss": np.array([1.0, 2.0, np.inf, np.nan] + [0.0] * 6)}
+    state = Trainer(cfg).init(jax.random.key_data(jax.random.key(0)))
+    with pytest.raises(train_cli.NonFiniteError) as info:
+        train_cli.check_finite(metrics, state, chunk=2, c=cfg, saved=40)
+    # chunk 2 starts at env step 80; the third train step ends at 80 + 3 * 4.
+    assert "non-finite critic_loss at env step 92" in str(info.value)
+    assert "checkpoint 40 is intact" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--env", "Hopperr"], "unknown env"),
+        (["--num-envs", "-4"], "num_envs must be a positive integer"),
+        (
+            ["--batch-size", "5000", "--buffer-size", "1000", "--warmup-steps", "0"],
+            "batch_size (5000) exceeds",
+        ),
+        (["--buffer-size", str(10**12)], "the replay buffer needs"),
+        (["--env-options", "iterations=0"], "iterations must be a positive integer"),
+        (["--preset", "fast"], "unknown preset"),
+    ],
+)
+def test_bad_configs_are_refused_before_compiling(argv, message, compile_count, tmp_path):
+    before = compile_count()
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main([*argv, "--run-dir", str(tmp_path / "bad")])
+    assert message in str(exit_info.value.code)
+    assert compile_count() == before
+    assert not (tmp_path / "bad").exists(), "nothing written for a refused config"
+
+
+def test_render_writes_a_moving_video(trained, tmp_path, capsys):
+    out = tmp_path / "pendulum.mp4"
+    render.main([str(trained), "--out", str(out), "--max-steps", "120", "--gif",
+                 "--width", "160", "--height", "120", "--episodes", "2"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "episode 0: return" in printed and "episode 1: return" in printed
+    frames = np.asarray(imageio.mimread(out, memtest=False)).astype(np.float32)
+    assert frames.shape[1:] == (120, 160, 3) and len(frames) >= 2 * 20
+    assert frames.std() > 5, "frames are not blank"
+    moving = np.abs(np.diff(frames, axis=0)).mean(axis=(1, 2, 3)) > 0.01
+    assert moving.mean() > 0.5, "the pendulum moves in most frames"
+    assert out.with_suffix(".gif").stat().st_size > 1000
+
+
+def test_render_refuses_a_path_without_checkpoints(tmp_path):
+    with pytest.raises(SystemExit, match="neither a run directory nor a checkpoint"):
+        render.main([str(tmp_path)])
+
+
+def test_wandb_offline_logs_metrics_config_and_video(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "wandb-run"
+    run_cli(run_dir, "--total-steps", "2000", "--wandb", "--wandb-project", "mjxsac-test")
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1
+    # The offline transaction log (protobuf records) holds the config and every metric
+    # the run logged; `wandb sync` uploads exactly this file.
+    log = next(offline[0].glob("run-*.wandb")).read_bytes()
+    for key in (b"critic_layer_norm", b"InvertedPendulum", b"eval/return_mean",
+                b"loss/critic_loss", b"train/reward"):  # fmt: skip
+        assert key in log, key
+    assert list((offline[0] / "files" / "media" / "videos").glob("*.mp4")), "final video"
+    assert (run_dir / "final.mp4").stat().st_size > 1000
+    assert (run_dir / "metrics.jsonl").exists() and (run_dir / "learning_curve.png").exists()
+
+
+def sample(spec: dict, rng: np.random.Generator):
+    """Draw one value the way wandb's sweep controller does, for the kinds we use."""
+    if "value" in spec:
+        return spec["value"]
+    if "values" in spec:
+        return spec["values"][rng.integers(len(spec["values"]))]
+    kind = spec["distribution"]
+    if kind == "log_uniform_values":
+        return float(np.exp(rng.uniform(np.log(spec["min"]), np.log(spec["max"]))))
+    if kind == "int_uniform":
+        return int(rng.integers(spec["min"], spec["max"] + 1))
+    if kind == "uniform":
+        return float(rng.uniform(spec["min"], spec["max"]))
+    raise AssertionError(f"sampler does not know {kind!r}: extend it with the sweep")
+
+
+@pytest.mark.parametrize("task", envs.NAMES)
+def test_sweep_runs_as_the_wandb_agent_starts_it(task, tmp_path, monkeypatch):
+    """Load the sweep, sample it, and let wandb's own agent code build and start the
+    command (values on the command line and in WANDB_SWEEP_PARAM_PATH); the run's
+    config must hold the sampled values. ``--dry-run`` stops before training."""
+    from wandb.wandb_agent import Agent
+
+    sweep = yaml.safe_load((SWEEPS / f"{task}.yaml").read_text())
+    assert sweep["metric"] == {"name": "eval/return_mean", "goal": "maximize"}
+    rng = np.random.default_rng(envs.NAMES.index(task))
+    params = {k: sample(v, rng) for k, v in sweep["parameters"].items()}
+    assert params["env"] == task
+    # Both boolean paths: True reaches the program as a bare flag; False is left off the
+    # command line by ${args_no_boolean_flags} and must arrive through run.config.
+    params["critic_layer_norm"] = params["preset"] == "cpu"
+    command = list(sweep["command"])
+    command.insert(command.index("${args_no_boolean_flags}"), "--dry-run")
+    for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
+                       "WANDB_SWEEP_ID": "test", "WANDB_RUN_ID": "", "WANDB_SWEEP_PARAM_PATH": "",
+                       "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                       "JAX_PLATFORMS": "cpu"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    agent = Agent(api=None, queue=None, sweep_id="test")
+    agent._sweep_command = command
+    run_id = f"run{task.lower()}"
+    args = {k: {"value": v} for k, v in params.items()}
+    agent._command_run({"run_id": run_id, "program": sweep["program"], "args": args})
+    assert agent._run_processes[run_id].wait(timeout=300) == 0
+    configs = list((tmp_path / "runs").glob("*/config.json"))
+    assert len(configs) == 1
+    saved = json.loads(configs[0].read_text())
+    for key, value in params.items():
+        assert saved[key] == value, key
+    assert saved["wandb"] is True
