@@ -8,7 +8,6 @@ state = jax.jit(env.step)(state, action)
 from __future__ import annotations
 
 import importlib
-import inspect
 
 from envs.base import Env, PhysicsOptions, State, scale_action
 from envs.wrappers import AutoReset, TimeLimit, VmapEnv, Wrapper, wrap
@@ -35,8 +34,7 @@ def env_class(name: str) -> type[Env]:
 
 def check_options(name: str, overrides: dict) -> None:
     """Refuse unknown task names, unknown options and bad speed options, cheaply."""
-    cls = env_class(name)
-    task_args = set(inspect.signature(cls.__init__).parameters) - {"self", "physics"}
+    task_args = set(env_class(name).defaults)
     unknown = sorted(set(overrides) - task_args - set(PHYSICS_FIELDS))
     if unknown:
         valid = ", ".join(sorted(task_args | set(PHYSICS_FIELDS)))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from mujoco import mjx
 
-from envs.base import Env, PhysicsOptions, control_cost, healthy_between, impl_field
+from envs.base import Env, control_cost, healthy_between, impl_field
 
 
 class Ant(Env):
@@ -25,35 +25,19 @@ class Ant(Env):
     frame_skip = 5
     uses_cfrc_ext = True
 
-    def __init__(
-        self,
-        forward_reward_weight: float = 1.0,
-        ctrl_cost_weight: float = 0.5,
-        contact_cost_weight: float = 5e-4,
-        healthy_reward: float = 1.0,
-        main_body: int = 1,
-        terminate_when_unhealthy: bool = True,
-        healthy_z_range: tuple[float, float] = (0.2, 1.0),
-        contact_force_range: tuple[float, float] = (-1.0, 1.0),
-        reset_noise_scale: float = 0.1,
-        include_cfrc_ext_in_observation: bool = True,
-        physics: PhysicsOptions | None = None,
-    ):
-        self.forward_reward_weight = forward_reward_weight
-        self.ctrl_cost_weight = ctrl_cost_weight
-        self.contact_cost_weight = contact_cost_weight
-        self.healthy_reward = healthy_reward
-        self.main_body = main_body
-        self.terminate_when_unhealthy = terminate_when_unhealthy
-        self.healthy_z_range = healthy_z_range
-        self.contact_force_range = contact_force_range
-        self.include_cfrc_ext_in_observation = include_cfrc_ext_in_observation
-        super().__init__(physics, reset_noise_scale)
-
-    def _sample_init(self, key):
-        kq, kv = jax.random.split(key)
-        qpos = self.init_qpos + self._uniform(kq, self.init_qpos)
-        return qpos, self.init_qvel + self._normal(kv, self.init_qvel)
+    defaults = {
+        "forward_reward_weight": 1.0,
+        "ctrl_cost_weight": 0.5,
+        "contact_cost_weight": 5e-4,
+        "healthy_reward": 1.0,
+        "main_body": 1,
+        "terminate_when_unhealthy": True,
+        "healthy_z_range": (0.2, 1.0),
+        "contact_force_range": (-1.0, 1.0),
+        "reset_noise_scale": 0.1,
+        "include_cfrc_ext_in_observation": True,
+    }
+    qvel_noise = "normal"
 
     def _reset_physics(self, data: mjx.Data) -> mjx.Data:
         # The first reward reads the torso position; cfrc_ext is zero after a reset, as in
@@ -75,17 +59,22 @@ class Ant(Env):
         healthy = jnp.all(jnp.isfinite(state)) & healthy_between(
             state[2], *self.healthy_z_range, inclusive=True
         )
-        forward = self.forward_reward_weight * velocity[0]
-        survive = healthy.astype(forward.dtype) * self.healthy_reward
-        ctrl = control_cost(self.ctrl_cost_weight, action)
         contact = control_cost(self.contact_cost_weight, self._contact_forces(after))
-        metrics = {
-            "reward_forward": forward,
-            "reward_ctrl": -ctrl,
-            "reward_contact": -contact,
-            "reward_survive": survive,
-            "x_velocity": velocity[0],
-            "y_velocity": velocity[1],
-        }
-        terminated = ~healthy & self.terminate_when_unhealthy
-        return forward + survive - ctrl - contact, terminated, metrics
+        return walking_reward(self, velocity, healthy, action, contact)
+
+
+def walking_reward(env, velocity, healthy, action, contact_cost):
+    """Ant's and Humanoid's shared v5 reward: forward + healthy - control - contact."""
+    forward = env.forward_reward_weight * velocity[0]
+    survive = healthy.astype(forward.dtype) * env.healthy_reward
+    ctrl = control_cost(env.ctrl_cost_weight, action)
+    metrics = {
+        "reward_forward": forward,
+        "reward_ctrl": -ctrl,
+        "reward_contact": -contact_cost,
+        "reward_survive": survive,
+        "x_velocity": velocity[0],
+        "y_velocity": velocity[1],
+    }
+    terminated = ~healthy & env.terminate_when_unhealthy
+    return forward + survive - ctrl - contact_cost, terminated, metrics

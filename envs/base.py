@@ -164,6 +164,12 @@ class Env:
 
     xml: str
     frame_skip: int
+    defaults: dict[str, Any] = {}
+    """Gymnasium's keyword arguments of the task and their v5 defaults; each becomes an
+    attribute of the env, and ``envs.make(name, **overrides)`` may override any of them."""
+    qvel_noise: str = "uniform"
+    """Reset noise on qvel: 'uniform' in +-reset_noise_scale, or 'normal' with that scale
+    (HalfCheetah, Ant), as in Gymnasium."""
     episode_length: int = 1000
     uses_cfrc_ext: bool = False
     """Whether the task reads ``cfrc_ext``: only then is ``rne_postconstraint`` run."""
@@ -172,9 +178,13 @@ class Env:
     camera_tracks: bool = True
     """Whether the video camera follows the robot's root body."""
 
-    def __init__(self, physics: PhysicsOptions | None = None, reset_noise_scale: float = 0.0):
+    def __init__(self, physics: PhysicsOptions | None = None, **overrides: Any):
+        unknown = sorted(set(overrides) - set(self.defaults))
+        if unknown:
+            raise TypeError(f"{self.name} has no option {', '.join(unknown)}")
+        for key, value in {**self.defaults, **overrides}.items():
+            setattr(self, key, value)
         self.physics = physics or PhysicsOptions()
-        self.reset_noise_scale = float(reset_noise_scale)
         model = mujoco.MjModel.from_xml_path(str(ASSETS / self.xml))
         self.physics.apply(model)
         self.mj_model = model
@@ -245,11 +255,11 @@ class Env:
     # ---- task hooks ---------------------------------------------------------------------
 
     def _sample_init(self, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Default reset noise: uniform on qpos and qvel (most v5 tasks)."""
+        """Gymnasium's reset noise: uniform on qpos; uniform or normal on qvel."""
         kq, kv = jax.random.split(key)
-        return self.init_qpos + self._uniform(kq, self.init_qpos), self.init_qvel + self._uniform(
-            kv, self.init_qvel
-        )
+        qpos = self.init_qpos + self._uniform(kq, self.init_qpos)
+        noise = self._normal if self.qvel_noise == "normal" else self._uniform
+        return qpos, self.init_qvel + noise(kv, self.init_qvel)
 
     def _reset_physics(self, data: mjx.Data) -> mjx.Data:
         """Compute what the reset observation and the first reward read.

@@ -11,28 +11,15 @@ import jax
 import jax.numpy as jnp
 from mujoco import mjx
 
-from envs.base import Env, PhysicsOptions, control_cost
+from envs.base import Env, control_cost
 
 
 class HalfCheetah(Env):
     xml = "half_cheetah.xml"
     frame_skip = 5
 
-    def __init__(
-        self,
-        forward_reward_weight: float = 1.0,
-        ctrl_cost_weight: float = 0.1,
-        reset_noise_scale: float = 0.1,
-        physics: PhysicsOptions | None = None,
-    ):
-        self.forward_reward_weight = forward_reward_weight
-        self.ctrl_cost_weight = ctrl_cost_weight
-        super().__init__(physics, reset_noise_scale)
-
-    def _sample_init(self, key):
-        kq, kv = jax.random.split(key)
-        qpos = self.init_qpos + self._uniform(kq, self.init_qpos)
-        return qpos, self.init_qvel + self._normal(kv, self.init_qvel)
+    defaults = {"forward_reward_weight": 1.0, "ctrl_cost_weight": 0.1, "reset_noise_scale": 0.1}
+    qvel_noise = "normal"
 
     def _reset_physics(self, data: mjx.Data) -> mjx.Data:
         return data  # observation and reward read qpos and qvel only

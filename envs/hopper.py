@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from mujoco import mjx
 
-from envs.base import Env, PhysicsOptions, control_cost, healthy_between
+from envs.base import Env, control_cost, healthy_between
 
 
 class Hopper(Env):
@@ -21,32 +21,22 @@ class Hopper(Env):
     frame_skip = 4
     camera_distance = 3.0
 
-    def __init__(
-        self,
-        forward_reward_weight: float = 1.0,
-        ctrl_cost_weight: float = 1e-3,
-        healthy_reward: float = 1.0,
-        terminate_when_unhealthy: bool = True,
-        healthy_state_range: tuple[float, float] = (-100.0, 100.0),
-        healthy_z_range: tuple[float, float] = (0.7, float("inf")),
-        healthy_angle_range: tuple[float, float] = (-0.2, 0.2),
-        reset_noise_scale: float = 5e-3,
-        physics: PhysicsOptions | None = None,
-    ):
-        self.forward_reward_weight = forward_reward_weight
-        self.ctrl_cost_weight = ctrl_cost_weight
-        self.healthy_reward = healthy_reward
-        self.terminate_when_unhealthy = terminate_when_unhealthy
-        self.healthy_state_range = healthy_state_range
-        self.healthy_z_range = healthy_z_range
-        self.healthy_angle_range = healthy_angle_range
-        super().__init__(physics, reset_noise_scale)
+    defaults = {
+        "forward_reward_weight": 1.0,
+        "ctrl_cost_weight": 1e-3,
+        "healthy_reward": 1.0,
+        "terminate_when_unhealthy": True,
+        "healthy_state_range": (-100.0, 100.0),
+        "healthy_z_range": (0.7, float("inf")),
+        "healthy_angle_range": (-0.2, 0.2),
+        "reset_noise_scale": 5e-3,
+    }
 
     def _reset_physics(self, data: mjx.Data) -> mjx.Data:
         return data  # observation and reward read qpos and qvel only
 
     def _observe(self, data: mjx.Data) -> jax.Array:
-        return jnp.concatenate([data.qpos[1:], jnp.clip(data.qvel, -10.0, 10.0)])
+        return planar_walker_observation(data)
 
     def _is_healthy(self, data: mjx.Data) -> jax.Array:
         state = jnp.concatenate([data.qpos[2:], data.qvel])
@@ -58,6 +48,11 @@ class Hopper(Env):
 
     def _reward(self, before, after, action):
         return planar_walker_reward(self, before, after, action, self._is_healthy(after))
+
+
+def planar_walker_observation(data: mjx.Data) -> jax.Array:
+    """Hopper's and Walker2d's observation: qpos without x, qvel clipped to [-10, 10]."""
+    return jnp.concatenate([data.qpos[1:], jnp.clip(data.qvel, -10.0, 10.0)])
 
 
 def planar_walker_reward(env, before, after, action, healthy):

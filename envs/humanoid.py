@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from mujoco import mjx
 
-from envs.base import Env, PhysicsOptions, control_cost, healthy_between, impl_field
+from envs.ant import walking_reward
+from envs.base import Env, control_cost, healthy_between, impl_field
 
 
 class Humanoid(Env):
@@ -24,26 +25,16 @@ class Humanoid(Env):
     frame_skip = 5
     uses_cfrc_ext = True
 
-    def __init__(
-        self,
-        forward_reward_weight: float = 1.25,
-        ctrl_cost_weight: float = 0.1,
-        contact_cost_weight: float = 5e-7,
-        contact_cost_range: tuple[float, float] = (-float("inf"), 10.0),
-        healthy_reward: float = 5.0,
-        terminate_when_unhealthy: bool = True,
-        healthy_z_range: tuple[float, float] = (1.0, 2.0),
-        reset_noise_scale: float = 1e-2,
-        physics: PhysicsOptions | None = None,
-    ):
-        self.forward_reward_weight = forward_reward_weight
-        self.ctrl_cost_weight = ctrl_cost_weight
-        self.contact_cost_weight = contact_cost_weight
-        self.contact_cost_range = contact_cost_range
-        self.healthy_reward = healthy_reward
-        self.terminate_when_unhealthy = terminate_when_unhealthy
-        self.healthy_z_range = healthy_z_range
-        super().__init__(physics, reset_noise_scale)
+    defaults = {
+        "forward_reward_weight": 1.25,
+        "ctrl_cost_weight": 0.1,
+        "contact_cost_weight": 5e-7,
+        "contact_cost_range": (-float("inf"), 10.0),
+        "healthy_reward": 5.0,
+        "terminate_when_unhealthy": True,
+        "healthy_z_range": (1.0, 2.0),
+        "reset_noise_scale": 1e-2,
+    }
 
     def _reset_physics(self, data: mjx.Data) -> mjx.Data:
         # The reset observation reads cinert and cvel, the first reward xipos. At a reset
@@ -71,20 +62,8 @@ class Humanoid(Env):
     def _reward(self, before, after, action):
         velocity = (self._mass_center(after) - self._mass_center(before)) / self.dt
         healthy = healthy_between(after.qpos[2], *self.healthy_z_range)
-        forward = self.forward_reward_weight * velocity[0]
-        survive = healthy.astype(forward.dtype) * self.healthy_reward
-        ctrl = control_cost(self.ctrl_cost_weight, action)
         contact = jnp.clip(
             control_cost(self.contact_cost_weight, impl_field(after, "cfrc_ext")),
             *self.contact_cost_range,
         )
-        metrics = {
-            "reward_forward": forward,
-            "reward_ctrl": -ctrl,
-            "reward_contact": -contact,
-            "reward_survive": survive,
-            "x_velocity": velocity[0],
-            "y_velocity": velocity[1],
-        }
-        terminated = ~healthy & self.terminate_when_unhealthy
-        return forward + survive - ctrl - contact, terminated, metrics
+        return walking_reward(self, velocity, healthy, action, contact)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from mujoco import mjx
 
-from envs.base import Env, PhysicsOptions
+from envs.base import Env
 
 
 class InvertedPendulum(Env):
@@ -20,8 +20,7 @@ class InvertedPendulum(Env):
     camera_distance = 2.04
     camera_tracks = False
 
-    def __init__(self, reset_noise_scale: float = 0.01, physics: PhysicsOptions | None = None):
-        super().__init__(physics, reset_noise_scale)
+    defaults = {"reset_noise_scale": 0.01}
 
     def _reset_physics(self, data: mjx.Data) -> mjx.Data:
         return data  # observation and reward read qpos and qvel only

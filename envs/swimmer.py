@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from mujoco import mjx
 
-from envs.base import Env, PhysicsOptions, control_cost
+from envs.base import Env, control_cost
 
 
 class Swimmer(Env):
@@ -19,16 +19,7 @@ class Swimmer(Env):
     frame_skip = 4
     camera_distance = 3.0
 
-    def __init__(
-        self,
-        forward_reward_weight: float = 1.0,
-        ctrl_cost_weight: float = 1e-4,
-        reset_noise_scale: float = 0.1,
-        physics: PhysicsOptions | None = None,
-    ):
-        self.forward_reward_weight = forward_reward_weight
-        self.ctrl_cost_weight = ctrl_cost_weight
-        super().__init__(physics, reset_noise_scale)
+    defaults = {"forward_reward_weight": 1.0, "ctrl_cost_weight": 1e-4, "reset_noise_scale": 0.1}
 
     def _reset_physics(self, data: mjx.Data) -> mjx.Data:
         return data  # observation and reward read qpos and qvel only

@@ -193,3 +193,52 @@ def test_vmap_wrapper_batches_independent_envs():
         envs.VmapEnv(Drift(), 0)
     with pytest.raises(ValueError, match="episode_length must be positive"):
         envs.TimeLimit(Drift(), -1)
+
+
+@pytest.mark.parametrize("name", envs.NAMES)
+def test_reset_noise_follows_gymnasium(name):
+    """qpos: uniform in +-scale around qpos0 on every task; qvel: uniform likewise, except
+    HalfCheetah and Ant, which draw scale * standard normal (Gymnasium v5)."""
+    env = envs.make(name)
+    states = jax.jit(jax.vmap(env.reset))(jax.random.split(jax.random.key(0), 4000))
+    scale = env.reset_noise_scale
+    dq = np.asarray(states.data.qpos) - np.asarray(env.mj_model.qpos0)
+    dv = np.asarray(states.data.qvel)
+    assert np.abs(dq).max() <= scale * (1 + 1e-5)
+    np.testing.assert_allclose(dq.std(0), scale / np.sqrt(3), rtol=0.1)  # uniform's std
+    if name in ("HalfCheetah", "Ant"):
+        np.testing.assert_allclose(dv.std(0), scale, rtol=0.1)
+        assert np.abs(dv).max() > 2 * scale
+    else:
+        assert np.abs(dv).max() <= scale * (1 + 1e-5)
+        np.testing.assert_allclose(dv.std(0), scale / np.sqrt(3), rtol=0.1)
+
+
+def test_brax_adapter_runs_our_task_under_brax_wrappers():
+    """Brax's training wrappers (vmap, episode limit, auto-reset) drive our env through
+    the adapter: same observations and rewards as our env with the action mapped from
+    [-1, 1] onto the control range; termination becomes ``done``."""
+    from brax.envs.wrappers import training as brax_training
+
+    from envs.brax_adapter import BraxEnv
+
+    env = envs.make("InvertedPendulum")
+    brax_env = brax_training.wrap(BraxEnv(env), episode_length=4)
+    assert (brax_env.observation_size, brax_env.action_size) == (4, 1)
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)  # Brax passes raw uint32 keys
+    state = jax.jit(brax_env.reset)(keys)
+    step = jax.jit(brax_env.step)
+    ours = jax.vmap(env.reset)(keys)
+    np.testing.assert_allclose(state.obs, ours.obs)
+    ours_step = jax.jit(jax.vmap(env.step))
+    for i, action in enumerate((0.5, -1.0, 1.0, 0.25)):
+        actions = jnp.full((2, 1), action)
+        state = step(state, actions)
+        ours = ours_step(ours, envs.scale_action(env, actions))  # 3 * action on this task
+        np.testing.assert_allclose(state.reward, ours.reward)
+        at_limit = i + 1 == 4  # Brax's episode wrapper ends episodes at the limit
+        expected = np.asarray(ours.terminated) | at_limit
+        np.testing.assert_array_equal(state.done, expected.astype(np.float32))
+        np.testing.assert_array_equal(state.info["truncation"], at_limit & ~ours.terminated)
+        if not expected.any():  # before Brax's auto-reset replaces the observation
+            np.testing.assert_allclose(state.obs, ours.obs, rtol=1e-6)
