@@ -157,9 +157,10 @@ def _enum_value(kind: type[enum.Enum], name: str, what: str) -> int:
 class Env:
     """A Gymnasium v5 MuJoCo task as pure, jittable, vmappable JAX functions.
 
-    Subclasses set ``xml`` and ``frame_skip`` and implement ``_sample_init``,
-    ``_observe`` and ``_reward``. Actions are in the units of the model's control range
-    (``action_low`` .. ``action_high``), exactly as Gymnasium's action space.
+    Subclasses set ``xml``, ``frame_skip`` and ``defaults`` and implement ``_observe`` and
+    ``_reward`` (and ``_reset_physics`` to compute less at a reset). Actions are in the
+    units of the model's control range (``action_low`` .. ``action_high``), exactly as
+    Gymnasium's action space.
     """
 
     xml: str

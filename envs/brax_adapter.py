@@ -34,7 +34,7 @@ class BraxEnv(_BraxEnv):
             obs=inner.obs,
             reward=inner.reward,
             done=inner.terminated.astype(inner.reward.dtype),
-            metrics=inner.metrics,
+            metrics={**state.metrics, **inner.metrics},  # Brax's wrappers add their own
         )
 
     def _wrap(self, inner: State) -> BraxState:

@@ -6,13 +6,16 @@ Gymnasium (``pip install -e ".[test]"``) is the reference no one here wrote. Two
   the same (qpos, qvel) -- Gymnasium's ``set_state``, our ``reset_to`` -- apply the same
   action once and compare observation, reward, termination and reward terms;
 * trajectory parity: start both from the same reset state and let each run on its own
-  under the same actions.
+  under the same actions;
+* return parity (``--episodes N``): episode returns under the same open-loop actions,
+  beside Gymnasium against itself with perturbed initial velocities (the scale of chaos).
 
 Comparisons are meaningful in float64: enable ``jax_enable_x64`` before building the env.
 From the command line (x64 is switched on for you)::
 
     python -m envs.parity --env Ant --steps 200
     python -m envs.parity --env Ant --integrator euler --cone elliptic
+    python -m envs.parity --env Ant --episodes 20 [--float32] [--faithful false]
 """
 
 from __future__ import annotations
@@ -128,6 +131,60 @@ def trajectory_parity(
     return {"obs": np.asarray(obs_diff), "reward": np.asarray(reward_diff)}
 
 
+def _gym_episode(name, seed, actions, physics=None, dqvel=0.0):
+    gym = gym_env(name, physics)
+    gym.reset(seed=seed)
+    qpos, qvel = gym.data.qpos.copy(), gym.data.qvel.copy()
+    if dqvel:
+        gym.set_state(qpos, qvel + dqvel)
+    total = 0.0
+    for action in actions:
+        _, reward, terminated, _, _ = gym.step(action)
+        total += float(reward)
+        if terminated:
+            break
+    return total, qpos, qvel
+
+
+def return_parity(
+    env: Env, name: str, episodes: int = 20, steps: int = 200, seed: int = 0,
+    perturbations: tuple[float, ...] = (1e-9, 1e-6),
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """What matters for RL: episode returns from Gymnasium's reset states under the same
+    open-loop random actions, each simulator running until its own termination. For scale,
+    Gymnasium against itself with the initial qvel perturbed (chaos baselines)."""
+    reset_to, step = compiled(env)
+    gym, ours = [], []
+    perturbed: dict[float, list] = {p: [] for p in perturbations}
+    for episode in range(episodes):
+        rng = np.random.default_rng(seed + 1000 + episode)
+        actions = rng.uniform(env.action_low, env.action_high, (steps, env.action_size))
+        total, qpos, qvel = _gym_episode(name, seed + episode, actions)
+        gym.append(total)
+        for p in perturbations:
+            perturbed[p].append(_gym_episode(name, seed + episode, actions, dqvel=p)[0])
+        state, mine = reset_to(qpos, qvel), 0.0
+        for action in actions:
+            state = step(state, action)
+            mine += float(state.reward)
+            if bool(state.terminated):
+                break
+        ours.append(mine)
+    out = {"gym": np.asarray(gym), "ours": np.asarray(ours)}
+    out |= {f"gym_qvel+{p:g}": np.asarray(v) for p, v in perturbed.items()}
+    return out
+
+
+def relative_return_gaps(returns: dict[str, np.ndarray]) -> dict[str, float]:
+    """Median |R - R_gym| / |R_gym| of every variant against Gymnasium."""
+    gym = returns["gym"]
+    return {
+        k: float(np.median(np.abs(v - gym) / np.maximum(np.abs(gym), 1e-9)))
+        for k, v in returns.items()
+        if k != "gym"
+    }
+
+
 def summarize(diffs: dict[str, np.ndarray]) -> dict[str, float]:
     """Largest difference per quantity (mismatch count for termination)."""
     return {
@@ -144,9 +201,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=200, help="one-step parity steps")
     parser.add_argument("--trajectory", type=int, default=100, help="trajectory steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--episodes", type=int, default=0, help="also compare episode returns")
+    parser.add_argument("--float32", action="store_true", help="run ours in float32")
     add_physics_arguments(parser)
     args = parser.parse_args(argv)
-    jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_enable_x64", not args.float32)
     physics = physics_from_arguments(args)
     env = envs.make(args.env, **physics)
     report = {
@@ -161,6 +220,10 @@ def main(argv: list[str] | None = None) -> None:
         "steps": len(traj["reward"]),
         "max_obs_diff_per_step": [float(x) for x in traj["obs"].max(axis=1)],
     }
+    if args.episodes:
+        returns = return_parity(env, args.env, args.episodes, seed=args.seed)
+        report["returns"] = {k: v.tolist() for k, v in returns.items()}
+        report["median_relative_return_gap"] = relative_return_gaps(returns)
     json.dump(report, sys.stdout, indent=1)
     print()
 

@@ -24,6 +24,7 @@ import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import envs  # noqa: E402
@@ -60,10 +61,11 @@ def run_ours(config: Config, target: float | None, budget_s: float, eval_chunks:
         returns, _ = trainer.evaluate(
             state.actor, state.normalizer, jax.random.fold_in(eval_key, chunk)
         )
+        eval_return = float(np.mean(returns))  # waits for the chunk and the evaluation
         point = {
             "wall_s": time.monotonic() - PROCESS_START,
             "env_steps": int(state.env_steps),
-            "eval_return": float(np.mean(returns)),
+            "eval_return": eval_return,
         }
         curve.append(point)
         print(f"  ours {point}", flush=True)
@@ -79,9 +81,10 @@ def run_ours(config: Config, target: float | None, budget_s: float, eval_chunks:
 def run_brax(task: str, target: float, budget_s: float, seed: int, env_steps: int) -> dict:
     """Brax's own SAC trainer on our task through the adapter (its settings from
     ../shared/gpu/README.md: 256 envs, batch 512, 32 updates per step)."""
-    if not hasattr(jax, "device_put_replicated"):  # removed in jax 0.11; Brax still calls it
+    if not hasattr(jax, "device_put_replicated"):  # removed from jax; Brax still calls it
         jax.device_put_replicated = lambda x, devices: jax.tree.map(
-            lambda leaf: np.stack([leaf] * len(devices)), x
+            lambda leaf: jax.device_put(jnp.stack([jnp.asarray(leaf)] * len(devices)), devices[0]),
+            x,
         )
     from brax.training.agents.sac import train as brax_sac
 

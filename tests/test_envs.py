@@ -223,7 +223,8 @@ def test_brax_adapter_runs_our_task_under_brax_wrappers():
     from envs.brax_adapter import BraxEnv
 
     env = envs.make("InvertedPendulum")
-    brax_env = brax_training.wrap(BraxEnv(env), episode_length=4)
+    # EvalWrapper (Brax's evaluator) adds a metric of its own, which must survive steps.
+    brax_env = brax_training.EvalWrapper(brax_training.wrap(BraxEnv(env), episode_length=4))
     assert (brax_env.observation_size, brax_env.action_size) == (4, 1)
     keys = jax.random.split(jax.random.PRNGKey(0), 2)  # Brax passes raw uint32 keys
     state = jax.jit(brax_env.reset)(keys)
@@ -242,3 +243,4 @@ def test_brax_adapter_runs_our_task_under_brax_wrappers():
         np.testing.assert_array_equal(state.info["truncation"], at_limit & ~ours.terminated)
         if not expected.any():  # before Brax's auto-reset replaces the observation
             np.testing.assert_allclose(state.obs, ours.obs, rtol=1e-6)
+    assert "reward" in state.metrics and "reward_survive" in state.metrics
