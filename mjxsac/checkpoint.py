@@ -28,7 +28,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from mjxsac import buffer as replay
 from mjxsac.config import HOST_ONLY, Config
-from mjxsac.sac import Trainer, TrainState, place
+from mjxsac.sac import Trainer, TrainState, default_device, place
 
 ITEMS = ("state", "policy", "config", "meta")
 
@@ -171,7 +171,7 @@ def policy_of(state: TrainState) -> dict[str, Any]:
 
 def abstract(tree: Any) -> Any:
     """Shapes and dtypes of ``tree``, placed on this machine's default device."""
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = jax.sharding.SingleDeviceSharding(default_device())
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 

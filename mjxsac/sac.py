@@ -306,10 +306,18 @@ _jit_train_chunk = jax.jit(Trainer._train_chunk, static_argnums=0, donate_argnum
 _jit_evaluate = jax.jit(Trainer._evaluate, static_argnums=0)
 
 
+def default_device() -> jax.Device:
+    """The device runs use: ``jax_default_device`` if set, else the first one."""
+    chosen = jax.config.jax_default_device
+    if isinstance(chosen, str):  # a platform name, e.g. "cpu"
+        return jax.devices(chosen)[0]
+    return chosen or jax.devices()[0]
+
+
 def place(state: TrainState) -> TrainState:
     """Commit every array to the default device. Fresh and restored states then look alike
     to ``jit`` (committed arrays), so a resumed state reuses the compiled chunk."""
-    return jax.device_put(state, jax.devices()[0])
+    return jax.device_put(state, default_device())
 
 
 def check_memory(trainer: Trainer, refuse: bool = True) -> str:
@@ -333,7 +341,7 @@ def check_memory(trainer: Trainer, refuse: bool = True) -> str:
 
 def available_bytes() -> tuple[int | None, str]:
     """Free memory of the default device: the accelerator's, or the host's RAM on CPU."""
-    device = jax.devices()[0]
+    device = default_device()
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and "bytes_limit" in stats:
         return stats["bytes_limit"] - stats.get("bytes_in_use", 0), str(device)

@@ -27,7 +27,14 @@ import numpy as np
 from mjxsac.checkpoint import CheckpointError, Checkpoints, check_compatible
 from mjxsac.config import Config
 from mjxsac.runlog import Progress, RunDir, WandbLog, default_run_dir
-from mjxsac.sac import Trainer, TrainState, check_memory, chunk_summary, seed_key
+from mjxsac.sac import (
+    Trainer,
+    TrainState,
+    check_memory,
+    chunk_summary,
+    default_device,
+    seed_key,
+)
 
 
 class NonFiniteError(RuntimeError):
@@ -84,7 +91,7 @@ def train(
     start = time.monotonic()
     progress.message(
         f"run directory {run.path} | {c.num_envs} envs x {c.steps_per_chunk} steps per chunk,"
-        f" chunks {first_chunk + 1}..{c.num_chunks} | device {jax.devices()[0]}"
+        f" chunks {first_chunk + 1}..{c.num_chunks} | device {default_device()}"
     )
     try:
         with stop_on_signals() as signals:
