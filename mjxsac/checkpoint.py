@@ -18,7 +18,6 @@ one. The manager keeps the last ``keep`` steps and the best one by eval return.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from mjxsac import buffer as replay
 from mjxsac.config import HOST_ONLY, Config
-from mjxsac.sac import Trainer, TrainState, default_device, place
+from mjxsac.sac import Trainer, TrainState, default_device, place, seed_key
 
 ITEMS = ("state", "policy", "config", "meta")
 
@@ -101,9 +100,6 @@ class Checkpoints:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         return step
 
-    def best(self) -> int | None:
-        return self.manager.best_step()
-
     def config(self, step: int | None = None) -> Config:
         step = self.latest() if step is None else step
         data = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
@@ -121,7 +117,7 @@ class Checkpoints:
         step = self.latest() if step is None else step
         check_compatible(self.config(step), trainer.config)
         has_buffer = bool(self.meta(step)["has_buffer"])
-        target = abstract(jax.eval_shape(trainer.init, jax.random.key_data(jax.random.key(0))))
+        target = abstract(state_shapes(trainer))
         if not has_buffer:
             target = target.replace(buffer=None)
         state = fill_empty(self._restore_item(step, "state", drop_empty(target)), target)
@@ -135,8 +131,7 @@ class Checkpoints:
     def restore_policy(self, trainer: Trainer, step: int | None = None) -> dict[str, Any]:
         """Only the actor parameters and the normalizer of ``step``."""
         step = self.latest() if step is None else step
-        shapes = jax.eval_shape(trainer.init, jax.random.key_data(jax.random.key(0)))
-        return self._restore_item(step, "policy", abstract(policy_of(shapes)))
+        return self._restore_item(step, "policy", abstract(policy_of(state_shapes(trainer))))
 
     def _restore_item(self, step: int, item: str, target: Any) -> Any:
         try:
@@ -169,6 +164,11 @@ def policy_of(state: TrainState) -> dict[str, Any]:
     return {"actor": state.actor, "normalizer": state.normalizer}
 
 
+def state_shapes(trainer: Trainer) -> TrainState:
+    """The shapes and dtypes of ``trainer``'s TrainState, computed without allocating it."""
+    return jax.eval_shape(trainer.init, seed_key(0))
+
+
 def abstract(tree: Any) -> Any:
     """Shapes and dtypes of ``tree``, placed on this machine's default device."""
     sharding = jax.sharding.SingleDeviceSharding(default_device())
@@ -199,9 +199,3 @@ def find_checkpoints(path: str | Path) -> tuple[Path, int | None]:
     if path.is_dir() and any(p.name.isdigit() for p in path.iterdir()):
         return path, None
     raise CheckpointError(f"{path} is neither a run directory nor a checkpoint directory")
-
-
-def describe(path: Path) -> str:
-    """One line per checkpoint step, for error messages and logs."""
-    ckpt = Checkpoints(path, read_only=True)
-    return json.dumps({str(s): ckpt.meta(s) for s in ckpt.steps()})

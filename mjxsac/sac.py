@@ -241,7 +241,7 @@ class Trainer:
             env_steps=state.env_steps + c.num_envs,
         )
         if c.updates_per_step == 0:  # data collection only (throughput benchmarks)
-            state, metrics = self._no_updates(state, k_update)
+            metrics = {"updated": jnp.zeros((), jnp.float32)}
         else:
             # Updates start once the warm-up has filled the buffer (after a resume without
             # a saved buffer they wait until it has refilled that far).
@@ -266,8 +266,6 @@ class Trainer:
         return state, metrics
 
     def _no_updates(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
-        if self.config.updates_per_step == 0:
-            return state, {"updated": jnp.zeros((), jnp.float32)}
         shapes = jax.eval_shape(self._updates, state, key)[1]
         return state, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 

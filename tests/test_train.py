@@ -17,7 +17,7 @@ import pytest
 from launch import presets
 from mjxsac import train as train_cli
 from mjxsac.config import Config
-from mjxsac.sac import Trainer, seed_key
+from mjxsac.sac import Trainer, chunk_summary, seed_key
 
 # The `cpu` preset, shortened: 16 envs, 4 updates per step, 2,000 env steps per chunk.
 OVERRIDES = {"total_steps": 12_000, "warmup_steps": 1_000, "eval_every": 1}
@@ -78,3 +78,13 @@ def test_learns_inverted_pendulum_from_the_command_line(algo, tmp_path, capsys):
     assert (run_dir / "learning_curve.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "env-steps/s" in out and "updates/s" in out and "ETA" in out
+
+
+def test_updates_off_collects_data_only():
+    """``updates_per_step=0`` (the pipeline-overhead benchmark) steps and stores, no update."""
+    trainer = Trainer(config("sac-v2", updates_per_step=0))
+    state, metrics = trainer.train_chunk(trainer.init(seed_key(0)))
+    steps = trainer.config.env_steps_per_chunk
+    assert int(state.env_steps) == steps and int(state.buffer.size) == steps
+    assert int(state.updates) == 0
+    assert not any(k.startswith("loss/") for k in chunk_summary(metrics))
