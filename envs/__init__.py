@@ -40,6 +40,31 @@ def check_options(name: str, overrides: dict) -> None:
         valid = ", ".join(sorted(task_args | set(PHYSICS_FIELDS)))
         raise ValueError(f"{name} has no option {', '.join(unknown)}; valid options: {valid}")
     PhysicsOptions(**{k: v for k, v in overrides.items() if k in PHYSICS_FIELDS})
+    defaults = env_class(name).defaults
+    for key, value in overrides.items():
+        if key in defaults:
+            _check_option_type(name, key, value, defaults[key])
+
+
+def _check_option_type(name: str, key: str, value, default) -> None:
+    """A task option must have its Gymnasium default's type (ints pass for floats)."""
+
+    def number(x) -> bool:
+        return isinstance(x, int | float) and not isinstance(x, bool)
+
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, kind = number(value), "a number"
+    elif isinstance(default, tuple):
+        ok = isinstance(value, tuple | list) and len(value) == len(default)
+        ok, kind = ok and all(map(number, value)), f"a pair of numbers like {default}"
+    else:
+        ok, kind = isinstance(value, type(default)), type(default).__name__
+    if not ok:
+        raise ValueError(f"{name} option {key} must be {kind}, got {value!r}")
 
 
 def make(name: str, **overrides) -> Env:

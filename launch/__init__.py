@@ -1,1 +1,1 @@
-"""What starts runs: presets, sweep configurations and benchmark scripts."""
+"""What starts runs: sweep configurations and benchmark scripts."""

@@ -28,12 +28,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import envs  # noqa: E402
-from launch import presets  # noqa: E402
 from launch.bench_envs import measure  # noqa: E402
 from mjxsac import normalizer as obs_norm  # noqa: E402
+from mjxsac import presets  # noqa: E402
 from mjxsac.config import Config, parse_scalar  # noqa: E402
 from mjxsac.networks import deterministic_action  # noqa: E402
-from mjxsac.sac import Trainer, seed_key  # noqa: E402
+from mjxsac.sac import Trainer, run_keys, seed_key  # noqa: E402
 
 
 def make_config(task: str, algo: str, preset: str, seed: int, sets: list[str]) -> Config:
@@ -51,9 +51,9 @@ def run_ours(config: Config, target: float | None, budget_s: float, eval_chunks:
     """Train until ``target`` (if given) or the step budget; evaluate every
     ``eval_chunks`` chunks. Times count from process start."""
     trainer = Trainer(config)
-    state = trainer.init(seed_key(config.seed))
+    train_key, eval_key = run_keys(config.seed)
+    state = trainer.init(train_key)
     curve, reached = [], None
-    eval_key = jax.random.fold_in(seed_key(config.seed), 1)
     for chunk in range(config.num_chunks):
         state, _ = trainer.train_chunk(state)
         if (chunk + 1) % eval_chunks and chunk + 1 != config.num_chunks:

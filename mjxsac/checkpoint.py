@@ -13,40 +13,68 @@ Restoring builds an abstract target from the config (shapes and dtypes from
 ``jax.eval_shape``, placed on this machine's default device), so a checkpoint written on a
 GPU restores on a CPU-only machine. Orbax writes each step to a temporary directory and
 renames it when complete, so a crash never leaves a partial checkpoint in place of a good
-one. The manager keeps the last ``keep`` steps and the best one by eval return.
+one. The manager keeps the last ``keep`` steps and the best one by eval return; the eval
+return is written with each step (Orbax's metrics item), so the best survives resumes.
+
+Reading takes the newest checkpoint that restores: a damaged one (a truncated file, a
+missing manifest, an emptied item) is skipped with a one-line notice naming the reason.
+A resumed run moves damaged steps aside into ``<run>/checkpoints-unusable/``; nothing is
+deleted.
 """
 
 from __future__ import annotations
 
+import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from mjxsac import buffer as replay
+from mjxsac.cli import drop_closed_loop_noise
 from mjxsac.config import HOST_ONLY, Config
 from mjxsac.sac import Trainer, TrainState, default_device, place, seed_key
 
 ITEMS = ("state", "policy", "config", "meta")
 
 
+T = TypeVar("T")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is missing, or does not match what it is restored into."""
+
+
+class IncompatibleCheckpoint(CheckpointError):
+    """A sound checkpoint of another run (task, algorithm, sizes): never skipped."""
+
+
+_REPORTED: set[str] = set()
+
+
+def notify(text: str, prog: str = "mjxsac") -> None:
+    """Print a notice once per process (a resume reads the newest config, then the state)."""
+    if text not in _REPORTED:
+        _REPORTED.add(text)
+        print(f"{prog}: {text}", file=sys.stderr, flush=True)
 
 
 class Checkpoints:
     """The checkpoints of one run directory (``<run>/checkpoints``)."""
 
     def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True,
-                 read_only: bool = False):  # fmt: skip
+                 read_only: bool = False, prog: str = "mjxsac"):  # fmt: skip
         self.directory = Path(directory).absolute()
+        self.prog = prog
         preserve = policies.AnyPreservationPolicy(
             [
                 policies.LatestN(n=keep),
                 policies.BestN(
-                    get_metric_fn=lambda m: m["eval_return"],
+                    get_metric_fn=_eval_return,
                     n=1,
                     keep_checkpoints_without_metrics=False,
                 ),
@@ -54,11 +82,21 @@ class Checkpoints:
         )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=preserve,
+            # best_fn makes Orbax write each step's metrics to disk (it keeps them only in
+            # memory otherwise), so a resumed run still knows which step is the best.
+            best_fn=_eval_return,
             enable_async_checkpointing=async_save,
             create=not read_only,
             read_only=read_only,
+            cleanup_tmp_directories=not read_only,  # steps a killed process left unfinished
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    @staticmethod
+    def exist(directory: str | Path) -> bool:
+        """Whether ``directory`` holds at least one finished checkpoint step."""
+        directory = Path(directory)
+        return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
     # ---- saving ------------------------------------------------------------------------------
 
@@ -85,6 +123,10 @@ class Checkpoints:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
+    def check_for_errors(self) -> None:
+        """Raise the error of an asynchronous save that failed (e.g. a full disk)."""
+        self.manager.check_for_errors()
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
@@ -100,10 +142,42 @@ class Checkpoints:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         return step
 
+    def newest_usable(self, load: Callable[[int], T], step: int | None = None) -> tuple[int, T]:
+        """``(step, load(step))`` for ``step``, or else for the newest step that loads.
+        Each damaged step passed over is named in one line on stderr; a checkpoint of
+        another run stops the search (it is not damage)."""
+        if step is not None:
+            return step, self._load(load, step)
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        for candidate in steps:
+            try:
+                return candidate, self._load(load, candidate)
+            except IncompatibleCheckpoint:
+                raise
+            except CheckpointError as e:
+                notify(f"skipping checkpoint {self.directory / str(candidate)}: {e}", self.prog)
+        raise CheckpointError(f"none of the checkpoints in {self.directory} can be restored")
+
+    def _load(self, load: Callable[[int], T], step: int) -> T:
+        sys.unraisablehook = drop_closed_loop_noise
+        try:
+            return load(step)
+        except CheckpointError:
+            raise
+        except Exception as e:  # damage shows as any error of Orbax, TensorStore or JSON
+            reason = " ".join(str(e).split())
+            reason = reason if len(reason) < 200 else reason[:200] + "..."
+            raise CheckpointError(f"unreadable ({type(e).__name__}: {reason})") from e
+
     def config(self, step: int | None = None) -> Config:
-        step = self.latest() if step is None else step
+        """The run config of ``step`` (default: the newest checkpoint whose config reads)."""
+        return self.newest_usable(self._config, step)[1]
+
+    def _config(self, step: int) -> Config:
         data = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        return Config.from_dict(data["config"])
+        return Config.from_saved(data["config"])
 
     def meta(self, step: int | None = None) -> dict:
         step = self.latest() if step is None else step
@@ -112,10 +186,13 @@ class Checkpoints:
         ]
 
     def restore(self, trainer: Trainer, step: int | None = None) -> TrainState:
-        """The full TrainState of ``step`` (default: latest) for ``trainer``'s config. Without
-        a saved buffer the state gets an empty one (updates pause until it refills)."""
-        step = self.latest() if step is None else step
-        check_compatible(self.config(step), trainer.config)
+        """The full TrainState of ``step`` (default: the newest that restores) for
+        ``trainer``'s config. Without a saved buffer the state gets an empty one (updates
+        pause until it refills)."""
+        return self.newest_usable(lambda s: self._restore_state(trainer, s), step)[1]
+
+    def _restore_state(self, trainer: Trainer, step: int) -> TrainState:
+        check_compatible(self._config(step), trainer.config)
         has_buffer = bool(self.meta(step)["has_buffer"])
         target = abstract(state_shapes(trainer))
         if not has_buffer:
@@ -126,23 +203,42 @@ class Checkpoints:
             state = state.replace(
                 buffer=replay.init(c.buffer_size, trainer.obs_size, trainer.action_size)
             )
+        if int(state.env_steps) != step:
+            raise CheckpointError(f"its state is at env step {int(state.env_steps)}, not {step}")
         return place(state)
 
-    def restore_policy(self, trainer: Trainer, step: int | None = None) -> dict[str, Any]:
-        """Only the actor parameters and the normalizer of ``step``."""
-        step = self.latest() if step is None else step
-        return self._restore_item(step, "policy", abstract(policy_of(state_shapes(trainer))))
+    def restore_policy(self, trainer: Trainer, step: int | None = None) -> tuple[int, dict]:
+        """``(step, policy)``: the actor parameters and the normalizer of ``step``
+        (default: the newest checkpoint whose policy restores)."""
+        target = abstract(policy_of(state_shapes(trainer)))
+        return self.newest_usable(lambda s: self._restore_item(s, "policy", target), step)
+
+    def set_aside(self, newer_than: int) -> list[Path]:
+        """Move the steps newer than ``newer_than`` (damaged ones a resume passed over) to
+        ``<run>/checkpoints-unusable/``, so that the resumed run can save those steps anew.
+        Returns where they went; nothing is deleted."""
+        aside = self.directory.parent / "checkpoints-unusable"
+        moved = []
+        for step in sorted(self.manager.all_steps()):
+            if step > newer_than:
+                aside.mkdir(exist_ok=True)
+                target = aside / str(step)
+                suffix = 1
+                while target.exists():
+                    target = aside / f"{step}.{suffix}"
+                    suffix += 1
+                shutil.move(self.directory / str(step), target)
+                moved.append(target)
+        self.manager.reload()
+        return moved
 
     def _restore_item(self, step: int, item: str, target: Any) -> Any:
-        try:
-            out = self.manager.restore(
-                step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
-            )
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(
-                f"checkpoint {self.directory}/{step} does not match this config: {e}"
-            ) from e
-        return out[item]
+        args = ocp.args.Composite(**{item: ocp.args.StandardRestore(target)})
+        return self.manager.restore(step, args=args)[item]
+
+
+def _eval_return(metrics: dict) -> float:
+    return metrics["eval_return"]
 
 
 def drop_empty(tree: Any) -> Any:
@@ -185,7 +281,7 @@ def check_compatible(saved: Config, wanted: Config) -> None:
     differ = sorted(k for k in a if k not in RESUMABLE_CHANGES and a[k] != b.get(k))
     if differ:
         details = ", ".join(f"{k}: checkpoint {a[k]!r} vs requested {b.get(k)!r}" for k in differ)
-        raise CheckpointError(f"the checkpoint was written by a different run ({details})")
+        raise IncompatibleCheckpoint(f"the checkpoint was written by a different run ({details})")
 
 
 def find_checkpoints(path: str | Path) -> tuple[Path, int | None]:

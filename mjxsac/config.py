@@ -35,7 +35,7 @@ class Config:
     """sac-v2: twin target Qs, automatic temperature (2018b). sac-v1: soft V network with a
     target V, twin Q, fixed temperature expressed as a reward scale (2018a)."""
     preset: str = "default"
-    """Which preset of ``launch/presets.py`` supplied the defaults (recorded for the run)."""
+    """Which preset of ``mjxsac/presets.py`` supplied the defaults (recorded for the run)."""
     seed: int = 0
     """Seeds everything: network init, exploration, env resets, replay sampling."""
     episode_length: int = 1000
@@ -210,6 +210,18 @@ class Config:
             raise ValueError(f"unknown config fields: {', '.join(unknown)}")
         hints = typing.get_type_hints(cls)
         return cls(**{k: _coerce(hints[k], v) for k, v in d.items()})
+
+    @classmethod
+    def from_saved(cls, d: dict) -> Config:
+        """``from_dict`` for a config a run wrote: every field must be there (a config item
+        that lost fields is damaged, not a request for the defaults)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"the saved config is not a JSON object: {d!r:.80}")
+        missing = sorted({f.name for f in dataclasses.fields(cls)} - set(d))
+        if missing:
+            named = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
+            raise ValueError(f"the saved config lacks {len(missing)} fields ({named})")
+        return cls.from_dict(d)
 
 
 def _check_type(name: str, value, kind) -> None:

@@ -16,7 +16,6 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco is imported
 
 import argparse
 import functools
-import sys
 import warnings
 from pathlib import Path
 
@@ -26,10 +25,16 @@ import numpy as np
 
 from envs import scale_action
 from mjxsac import normalizer as obs_norm
-from mjxsac.checkpoint import CheckpointError, Checkpoints, find_checkpoints
+from mjxsac.checkpoint import Checkpoints, find_checkpoints
+from mjxsac.cli import (
+    UserError,
+    debug_requested,
+    describe_os_error,
+    one_line_errors,
+    quiet_libraries,
+)
 from mjxsac.networks import deterministic_action, sample_action
 from mjxsac.sac import Trainer
-from mjxsac.train import quiet_libraries
 
 
 class PolicyRunner:
@@ -40,7 +45,7 @@ class PolicyRunner:
         model = self.env.mj_model
         model.vis.global_.offwidth = max(model.vis.global_.offwidth, width)
         model.vis.global_.offheight = max(model.vis.global_.offheight, height)
-        self.renderer = mujoco.Renderer(model, height, width)
+        self.renderer = open_renderer(model, height, width)
         self.data = mujoco.MjData(model)
         self.camera = mujoco.MjvCamera()
         mujoco.mjv_defaultFreeCamera(model, self.camera)
@@ -73,6 +78,32 @@ class PolicyRunner:
         return frames, total
 
 
+def open_renderer(model: mujoco.MjModel, height: int, width: int) -> mujoco.Renderer:
+    """MuJoCo's offscreen renderer; a missing GL library is a one-line error with the fix."""
+    backend = os.environ.get("MUJOCO_GL", "egl")
+    try:
+        return mujoco.Renderer(model, height, width)
+    except Exception as e:  # ImportError, AttributeError or mujoco.FatalError, by backend
+        packages = {"osmesa": "libosmesa6", "egl": "libegl1 libgl1"}.get(backend, "")
+        fix = f"install {packages} (Debian) or " if packages else ""
+        other = "egl" if backend != "egl" else "osmesa"
+        raise UserError(
+            f"no headless OpenGL with MUJOCO_GL={backend} ({type(e).__name__}: {e}): "
+            f"{fix}try MUJOCO_GL={other}"
+        ) from e
+
+
+def check_writable(path: Path) -> None:
+    """Fail before the rollout, not after it, if the video cannot be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_name(f".{path.name}.probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(describe_os_error(e, f"writing the video {path}")) from None
+
+
 # Jitted with the trainer static: trainers of equal configs share the compiled programs.
 @functools.partial(jax.jit, static_argnums=0)
 def _reset(trainer: Trainer, key: jax.Array):
@@ -91,11 +122,11 @@ def _act_and_step(trainer: Trainer, stochastic: bool, policy: dict, state, key: 
 def load(path: str | Path) -> tuple[Trainer, dict, int]:
     """The trainer (from the checkpoint's own config) and the policy of a checkpoint."""
     directory, step = find_checkpoints(path)
-    ckpt = Checkpoints(directory, read_only=True)
-    step = ckpt.latest() if step is None else step
+    ckpt = Checkpoints(directory, read_only=True, prog="mjxsac-render")
     config = ckpt.config(step)
     trainer = Trainer(config)
-    return trainer, ckpt.restore_policy(trainer, step), step
+    step, policy = ckpt.restore_policy(trainer, step)
+    return trainer, policy, step
 
 
 def write_video(frames: list[np.ndarray], path: Path, fps: float) -> Path:
@@ -127,9 +158,12 @@ def render_run(
 ) -> Path:
     """Roll out ``episodes`` of the checkpoint's policy and write them as one video;
     returns the MP4's path. Prints each episode's return."""
-    trainer, policy, step = load(checkpoint)
     run_dir = find_checkpoints(checkpoint)[0].parent
     out = Path(out) if out else run_dir / "video.mp4"
+    check_writable(out)
+    if gif:
+        check_writable(out.with_suffix(".gif"))
+    trainer, policy, step = load(checkpoint)
     runner = PolicyRunner(trainer, policy, width, height)
     max_steps = max_steps or trainer.config.episode_length
     key, frames, returns = jax.random.key(seed), [], []
@@ -160,17 +194,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--height", type=int, default=360)
     parser.add_argument("--max-steps", type=int, help="per episode; default: the time limit")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of failures")
     args = parser.parse_args(argv)
-    quiet_libraries()
+    quiet_libraries(args.debug or debug_requested([]))
     if args.episodes < 1 or args.width < 1 or args.height < 1:
         parser.error("--episodes, --width and --height must be positive")
-    try:
+    with one_line_errors("mjxsac-render", args.debug or debug_requested([])):
         render_run(
             args.checkpoint, args.out, args.episodes, args.stochastic, args.gif,
             args.width, args.height, args.max_steps, args.seed,
         )  # fmt: skip
-    except (CheckpointError, FileNotFoundError) as e:
-        sys.exit(f"mjxsac-render: {e}")
 
 
 if __name__ == "__main__":

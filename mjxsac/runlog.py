@@ -3,13 +3,18 @@ learning-curve PNG and the progress line."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
+import os
+import socket
 import sys
 import time
 from pathlib import Path
 from typing import IO
 
+from mjxsac.cli import UserError, describe_os_error
 from mjxsac.config import Config
 
 
@@ -18,14 +23,22 @@ def default_run_dir(config: Config) -> Path:
     return Path("runs") / f"{config.env}-{config.algo}-s{config.seed}-{stamp}"
 
 
+class RunDirError(UserError):
+    """The run directory holds another run, is in use, or cannot be written."""
+
+
 class RunDir:
     """A run directory: ``config.json``, ``metrics.jsonl``, ``learning_curve.png``,
     ``checkpoints/``. Metrics rows are appended and flushed one by one, so a run that dies
-    keeps every row written before."""
+    keeps every row written before.
+
+    One process at a time owns a run directory (``claim``): a lock file ``.lock`` holds the
+    owner's pid and host under an advisory ``flock``, which the kernel releases when the
+    owner dies, so a lock left by a dead process is recognised as stale."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock: IO | None = None
 
     @property
     def metrics_path(self) -> Path:
@@ -35,6 +48,79 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
+    @property
+    def lock_path(self) -> Path:
+        return self.path / ".lock"
+
+    def holds_run(self) -> bool:
+        """Whether a run has trained here: metrics written or checkpoints saved."""
+        has_metrics = self.metrics_path.exists() and self.metrics_path.stat().st_size > 0
+        return has_metrics or (self.checkpoints.is_dir() and any(self.checkpoints.iterdir()))
+
+    def refuse_if_holds_run(self) -> None:
+        """A new run never overwrites another: it names the ways on instead."""
+        if self.holds_run():
+            raise RunDirError(
+                f"{self.path} already holds a run: continue it with --resume {self.path}, "
+                "or choose a fresh --run-dir (nothing was changed)"
+            )
+
+    def claim(self, resume: bool) -> str | None:
+        """Create the directory and take its lock. A new run refuses a directory that holds a
+        run; any run refuses one in use by a live process. Returns a notice when a stale lock
+        of a dead process was taken over."""
+        if not resume:
+            self.refuse_if_holds_run()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            lock = self.lock_path.open("a+")
+        except OSError as e:
+            raise RunDirError(
+                describe_os_error(e, f"creating the run directory {self.path}")
+            ) from None
+        lock.seek(0)
+        previous = _parse_lock(lock.read())
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise RunDirError(
+                f"{self.path} is in use by {_owner(previous)}: wait for it to end or stop it, "
+                "or choose another --run-dir"
+            ) from None
+        notice = None
+        if previous and previous.get("host") != socket.gethostname():
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            lock.close()
+            raise RunDirError(
+                f"{self.path} is locked by {_owner(previous)}, which this machine cannot check:"
+                f" if that process has ended, delete {self.lock_path}"
+            )
+        if previous:
+            notice = (
+                f"{self.path} was left locked by {_owner(previous)}, which is no longer "
+                "running (a stale lock): taking it over"
+            )
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%c")}
+        lock.seek(0)
+        lock.truncate()
+        lock.write(json.dumps(me) + "\n")
+        lock.flush()
+        self._lock = lock
+        return notice
+
+    def release(self) -> None:
+        """Empty the lock file and unlock (an empty lock file is a free directory)."""
+        if self._lock is None:
+            return
+        with contextlib.suppress(OSError):
+            self._lock.seek(0)
+            self._lock.truncate()
+            self._lock.flush()
+        fcntl.flock(self._lock, fcntl.LOCK_UN)
+        self._lock.close()
+        self._lock = None
+
     def write_config(self, config: Config) -> None:
         write_atomic(self.path / "config.json", json.dumps(config.to_dict(), indent=1) + "\n")
 
@@ -43,12 +129,28 @@ class RunDir:
             f.write(json.dumps(row) + "\n")
 
     def read_metrics(self) -> list[dict]:
+        """The rows written so far. A partial last line (a process killed while writing it)
+        is left out; a malformed line elsewhere is an error naming it."""
         if not self.metrics_path.exists():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+        lines = self.metrics_path.read_text().split("\n")
+        rows = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number == len(lines):  # no newline after it: the write was cut off
+                    continue
+                raise RunDirError(
+                    f"{self.metrics_path} line {number} is not JSON: repair or remove that line"
+                ) from None
+        return rows
 
     def truncate_metrics(self, env_steps: int) -> None:
-        """Drop rows beyond ``env_steps`` (a resumed run rewrites them)."""
+        """Drop rows beyond ``env_steps`` (a resumed run rewrites them) and any partial
+        last line."""
         rows = [r for r in self.read_metrics() if r.get("env_steps", 0) <= env_steps]
         write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
@@ -78,10 +180,25 @@ class RunDir:
         fig.tight_layout()
         out = self.path / "learning_curve.png"
         tmp = out.with_suffix(".tmp.png")
-        fig.savefig(tmp)
-        plt.close(fig)
+        try:
+            fig.savefig(tmp)
+        finally:
+            plt.close(fig)
         tmp.replace(out)
         return out
+
+
+def _parse_lock(text: str) -> dict:
+    try:
+        owner = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError:
+        return {"pid": "?", "host": "?"}
+    return owner if isinstance(owner, dict) else {"pid": "?", "host": "?"}
+
+
+def _owner(owner: dict) -> str:
+    since = f" (since {owner['since']})" if owner.get("since") else ""
+    return f"process {owner.get('pid', '?')} on {owner.get('host', '?')}{since}"
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -186,18 +303,9 @@ class WandbLog:
     def log(self, row: dict) -> None:
         self.run.log({k: v for k, v in row.items() if k != "chunk"}, step=row["env_steps"])
 
-    def final_video(self, run_dir: RunDir) -> None:
-        """Render the final policy and log the video; a machine without a headless GL
-        gets a warning, not a failed run."""
+    def log_video(self, path: Path) -> None:
         import wandb
 
-        try:
-            from mjxsac.render import render_run
-
-            path = render_run(run_dir.path, run_dir.path / "final.mp4", episodes=1)
-        except Exception as e:  # rendering is a bonus: never lose the run over it
-            print(f"mjxsac-train: no final video ({type(e).__name__}: {e})", file=sys.stderr)
-            return
         self.run.log({"video": wandb.Video(str(path), format="mp4")})
 
     def finish(self, exit_code: int) -> None:

@@ -355,6 +355,14 @@ def seed_key(seed: int) -> jax.Array:
     return jax.random.key_data(jax.random.key(seed))
 
 
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """The two branches of a run's key tree: training (``Trainer.init`` splits it for the
+    parameters, the envs and the TrainState's key) and evaluation (folded with the chunk
+    index). Neither branch's keys can equal the other's."""
+    train_key, eval_key = jax.random.split(seed_key(seed))
+    return train_key, eval_key
+
+
 def chunk_summary(metrics: dict) -> dict[str, float]:
     """Reduce a chunk's stacked per-step metrics to host floats."""
     m = {k: np.asarray(v) for k, v in metrics.items()}

@@ -3,8 +3,10 @@
     mjxsac-train --env HalfCheetah [--preset parallel] [--algo sac-v2] [--seed 0]
                  [--steps N] [any Config field, e.g. --batch-size 512]
     mjxsac-train --resume runs/<run> [--total-steps N]
+    mjxsac-train ... --dry-run       # print the resolved config; compile nothing
+    mjxsac-train ... --debug         # show tracebacks instead of one-line errors
 
-Presets (``launch/presets.py``) supply the defaults for the task; fields given on the
+Presets (``mjxsac/presets.py``) supply the defaults for the task; fields given on the
 command line win. Without ``--preset`` a machine with an accelerator gets ``parallel``
 and a CPU-only machine gets ``cpu``, a small budget that finishes in minutes.
 """
@@ -14,17 +16,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mjxsac.checkpoint import CheckpointError, Checkpoints, check_compatible
+from mjxsac import render
+from mjxsac.checkpoint import Checkpoints, check_compatible
+from mjxsac.cli import (
+    UserError,
+    debug_requested,
+    one_line_errors,
+    quiet_libraries,
+    write,
+)
 from mjxsac.config import Config
 from mjxsac.runlog import Progress, RunDir, WandbLog, default_run_dir
 from mjxsac.sac import (
@@ -33,11 +44,11 @@ from mjxsac.sac import (
     check_memory,
     chunk_summary,
     default_device,
-    seed_key,
+    run_keys,
 )
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError):
     """A loss or a parameter became NaN or infinite."""
 
 
@@ -49,26 +60,15 @@ class Stopped(Exception):
         self.signum = signum
 
 
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[list[int]]:
-    """Turn the first SIGINT/SIGTERM into a request, honoured after the running chunk; a
-    second one interrupts at once."""
-    received: list[int] = []
-    previous = {}
+class StopRequest:
+    """The first SIGINT/SIGTERM, as the training loop sees it: honoured after the running
+    chunk (a checkpoint is saved, then the run exits)."""
 
-    def handler(signum, frame):
-        if received:
-            signal.signal(signum, previous[signum])
-            signal.raise_signal(signum)
-        received.append(signum)
+    def __init__(self) -> None:
+        self.signums: list[int] = []
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        previous[signum] = signal.signal(signum, handler)
-    try:
-        yield received
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
+    def __bool__(self) -> bool:
+        return bool(self.signums)
 
 
 def train(
@@ -77,70 +77,82 @@ def train(
     state: TrainState | None = None,
     progress: Progress | None = None,
     wandb_log: WandbLog | None = None,
+    stop: StopRequest | None = None,
 ) -> TrainState:
     """Train to ``total_steps``: chunk, check, evaluate, log, checkpoint. ``state`` (from a
-    checkpoint) resumes; otherwise a fresh state is made from the seed."""
+    checkpoint) resumes; otherwise a fresh state is made from the seed. ``stop`` (set by a
+    signal) ends the run with a checkpoint after the running chunk."""
     c = trainer.config
+    stop = StopRequest() if stop is None else stop
     total = c.num_chunks * c.env_steps_per_chunk
     progress = progress or Progress(total, f"{c.env} {c.algo}")
+    run.path.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpoints(run.checkpoints, keep=c.keep_checkpoints)
-    state = trainer.init(seed_key(c.seed)) if state is None else state
+    train_key, eval_key = run_keys(c.seed)
+    state = trainer.init(train_key) if state is None else state
     first_chunk = int(state.env_steps) // c.env_steps_per_chunk
     last_saved = ckpt.manager.latest_step()
-    eval_key = jax.random.fold_in(seed_key(c.seed), 1)
     start = time.monotonic()
     progress.message(
         f"run directory {run.path} | {c.num_envs} envs x {c.steps_per_chunk} steps per chunk,"
         f" chunks {first_chunk + 1}..{c.num_chunks} | device {default_device()}"
     )
     try:
-        with stop_on_signals() as signals:
-            for chunk in range(first_chunk, c.num_chunks):
-                t0 = time.monotonic()
-                state, metrics = trainer.train_chunk(state)
-                row = chunk_summary(metrics)  # reading the metrics waits for the chunk
-                seconds = time.monotonic() - t0
-                check_finite(metrics, state, chunk, c, last_saved)
-                row = {
-                    "chunk": chunk,
-                    "env_steps": int(state.env_steps),
-                    "updates": int(state.updates),
-                    "wall_s": round(time.monotonic() - start, 3),
-                    "chunk_s": round(seconds, 3),
-                    **row,
-                }
-                last = chunk + 1 == c.num_chunks
-                eval_return = None
-                if (chunk + 1) % c.eval_every == 0 or last:
-                    returns, lengths = trainer.evaluate(
-                        state.actor, state.normalizer, jax.random.fold_in(eval_key, chunk)
-                    )
-                    eval_return = float(np.mean(returns))
-                    row |= {
-                        "eval/return_mean": eval_return,
-                        "eval/return_std": float(np.std(returns)),
-                        "eval/length_mean": float(np.mean(lengths)),
-                    }
-                run.append_metrics(row)
-                if wandb_log:
-                    wandb_log.log(row)
-                if eval_return is not None:
-                    run.plot(f"{c.env} {c.algo} seed {c.seed}")
-                stop = bool(signals)  # read once: a later signal waits for the next chunk
-                if (chunk + 1) % c.checkpoint_every == 0 or last or stop:
-                    last_saved = ckpt.save(state, c, c.save_buffer, eval_return)
-                progress.update(
-                    row["env_steps"],
-                    c.env_steps_per_chunk / seconds,
-                    c.updates_per_step * c.steps_per_chunk / seconds,
-                    time.monotonic() - start,
-                    eval_return,
+        for chunk in range(first_chunk, c.num_chunks):
+            t0 = time.monotonic()
+            state, metrics = trainer.train_chunk(state)
+            row = chunk_summary(metrics)  # reading the metrics waits for the chunk
+            seconds = time.monotonic() - t0
+            check_finite(metrics, state, chunk, c, last_saved)
+            # A failed asynchronous save (e.g. a full disk) stops the run here.
+            write(ckpt.check_for_errors, what="saving a checkpoint")
+            row = {
+                "chunk": chunk,
+                "env_steps": int(state.env_steps),
+                "updates": int(state.updates),
+                "wall_s": round(time.monotonic() - start, 3),
+                "chunk_s": round(seconds, 3),
+                **row,
+            }
+            last = chunk + 1 == c.num_chunks
+            eval_return = None
+            if (chunk + 1) % c.eval_every == 0 or last:
+                returns, lengths = trainer.evaluate(
+                    state.actor, state.normalizer, jax.random.fold_in(eval_key, chunk)
                 )
-                if stop:
-                    ckpt.wait()
-                    raise Stopped(signals[0])
-    finally:
-        ckpt.close()  # waits for pending asynchronous saves: a good checkpoint completes
+                eval_return = float(np.mean(returns))
+                row |= {
+                    "eval/return_mean": eval_return,
+                    "eval/return_std": float(np.std(returns)),
+                    "eval/length_mean": float(np.mean(lengths)),
+                }
+            write(run.append_metrics, row, what="writing metrics.jsonl")
+            if wandb_log:
+                wandb_log.log(row)
+            if eval_return is not None:
+                write(run.plot, f"{c.env} {c.algo} seed {c.seed}", what="writing the plot")
+            stopping = bool(stop)  # read once: a later signal waits for the next chunk
+            if (chunk + 1) % c.checkpoint_every == 0 or last or stopping:
+                last_saved = write(
+                    ckpt.save, state, c, c.save_buffer, eval_return, what="saving a checkpoint"
+                )
+            progress.update(
+                row["env_steps"],
+                c.env_steps_per_chunk / seconds,
+                c.updates_per_step * c.steps_per_chunk / seconds,
+                time.monotonic() - start,
+                eval_return,
+            )
+            if stopping:
+                ckpt.wait()
+                raise Stopped(stop.signums[0])
+    except BaseException:
+        # Let pending asynchronous saves complete (a good checkpoint stays good), without
+        # letting a failing save hide the first error.
+        with contextlib.suppress(Exception):
+            ckpt.close()
+        raise
+    write(ckpt.close, what="finishing the last checkpoint")
     progress.message(f"done in {time.monotonic() - start:.0f}s; run directory {run.path}")
     return state
 
@@ -191,7 +203,7 @@ def parse_args(argv: list[str]) -> tuple[Config, Path | None, bool]:
     With ``--resume RUN_DIR`` the run's own config is the base instead."""
     import tyro
 
-    from launch import presets
+    from mjxsac import presets
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--env", default=Config.env)
@@ -200,14 +212,20 @@ def parse_args(argv: list[str]) -> tuple[Config, Path | None, bool]:
     pre.add_argument("--steps", type=int)
     pre.add_argument("--resume")
     pre.add_argument("--dry-run", action="store_true")
+    pre.add_argument("--debug", action="store_true")
     known, rest = pre.parse_known_args(argv)
     if known.steps is not None:
         rest = [*rest, "--total-steps", str(known.steps)]
     if known.resume:
         run_dir = Path(known.resume)
-        saved = Checkpoints(run_dir / "checkpoints", read_only=True).config()
-        given = [a for a in argv if a.startswith("--")]
-        for flag in ("--env", "--algo", "--preset"):
+        given = [a.split("=")[0] for a in argv if a.startswith("--")]
+        if "--preset" in given:
+            raise UserError(
+                "--preset cannot be combined with --resume: a resumed run keeps its own "
+                "config; override single fields instead (e.g. --total-steps)"
+            )
+        saved = Checkpoints(run_dir / "checkpoints", read_only=True, prog="mjxsac-train").config()
+        for flag in ("--env", "--algo"):
             if flag in given:
                 rest = [*rest, flag, getattr(known, flag[2:])]
         config = tyro.cli(Config, default=saved, args=rest, description=__doc__)
@@ -223,65 +241,133 @@ def parse_args(argv: list[str]) -> tuple[Config, Path | None, bool]:
     return config, None, known.dry_run
 
 
-def quiet_libraries() -> None:
-    """Orbax and friends log routine notices through absl at WARNING; keep errors only."""
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.ERROR)
-
-
 def main(argv: list[str] | None = None) -> None:
+    """The command: set up (config, run directory, resume), then train in a worker thread
+    while this thread answers signals at once."""
     argv = sys.argv[1:] if argv is None else argv
-    quiet_libraries()
+    quiet_libraries(debug_requested(argv))
     wandb_log = None
+    run = None
+    code: int | str = 0
     try:
-        config, resume, dry_run = parse_args(argv)
-        if config.wandb:  # a sweep agent's values arrive through run.config
-            wandb_log, config = WandbLog.start(config)
-        config = config.validate()
-        if not config.run_dir:
-            config = Config.from_dict({**config.to_dict(), "run_dir": str(default_run_dir(config))})
-        trainer = Trainer(config)
-        memory = check_memory(trainer, refuse=not dry_run)
-        run = RunDir(config.run_dir)
-        if dry_run:  # the resolved config, written and shown; nothing compiled or trained
-            run.write_config(config)
-            print(json.dumps(config.to_dict(), indent=1))
-            print(f"mjxsac-train: dry run; {memory}")
+        with one_line_errors("mjxsac-train", debug_requested(argv)):
+            try:
+                config, resume, dry_run = parse_args(argv)
+                if not resume and config.run_dir:  # before wandb writes into it
+                    RunDir(config.run_dir).refuse_if_holds_run()
+                if config.wandb:  # a sweep agent's values arrive through run.config
+                    wandb_log, config = WandbLog.start(config)
+                config = config.validate()
+                if not config.run_dir:
+                    run_dir = str(default_run_dir(config))
+                    config = Config.from_dict({**config.to_dict(), "run_dir": run_dir})
+                trainer = Trainer(config)
+                memory = check_memory(trainer, refuse=not dry_run)
+                run = RunDir(config.run_dir)
+                notice = run.claim(resume=resume is not None)
+                if notice:
+                    print(f"mjxsac-train: {notice}", file=sys.stderr)
+                if dry_run:  # the resolved config, written and shown; nothing compiled
+                    run.write_config(config)
+                    print(json.dumps(config.to_dict(), indent=1))
+                    print(f"mjxsac-train: dry run; {memory}")
+                    return
+                state = restore(run, trainer) if resume else None
+                run.write_config(config)
+            except KeyboardInterrupt:
+                raise UserError("interrupted before training started; nothing trained") from None
             if wandb_log:
-                wandb_log.finish(0)
-            return
-        state = None
-        if resume:
-            ckpt = Checkpoints(run.checkpoints, read_only=True)
-            state = ckpt.restore(trainer)
-            run.truncate_metrics(int(state.env_steps))
-            print(f"mjxsac-train: resuming {run.path} at env step {int(state.env_steps):,}")
-    except (ValueError, MemoryError, CheckpointError, FileNotFoundError) as e:
-        if wandb_log:
-            wandb_log.finish(1)
-        sys.exit(f"mjxsac-train: {e}")
-    run.write_config(config)
-    if wandb_log:
-        wandb_log.attach(run)
-    if jax.default_backend() == "cpu":
-        print("mjxsac-train: no accelerator found, running on the CPU", file=sys.stderr)
-    code = 0
-    try:
-        state = train(trainer, run, state, wandb_log=wandb_log)
-        if wandb_log:
-            wandb_log.final_video(run)
-    except NonFiniteError as e:
-        code = f"mjxsac-train: {e}"
-    except Stopped as e:
-        print(f"\nmjxsac-train: {e} received; checkpoint saved in {run.checkpoints}. "
-              f"Continue with: mjxsac-train --resume {run.path}", file=sys.stderr)  # fmt: skip
-        code = 128 + e.signum
+                wandb_log.attach(run)
+            if jax.default_backend() == "cpu":
+                print("mjxsac-train: no accelerator found, running on the CPU", file=sys.stderr)
+            code = run_with_signals(trainer, run, state, wandb_log, debug_requested(argv))
+    except SystemExit as e:
+        code = e.code if e.code is not None else 0
     finally:
         if wandb_log:
             wandb_log.finish(0 if code == 0 else 1)
+        if run is not None:
+            run.release()
     if code:
         sys.exit(code)
+
+
+def restore(run: RunDir, trainer: Trainer) -> TrainState:
+    """The newest checkpoint that restores; damaged newer ones are named and set aside."""
+    ckpt = Checkpoints(run.checkpoints, read_only=True, prog="mjxsac-train")
+    state = ckpt.restore(trainer)
+    step = int(state.env_steps)
+    for moved in ckpt.set_aside(newer_than=step):
+        print(f"mjxsac-train: moved the unusable checkpoint to {moved}", file=sys.stderr)
+    run.truncate_metrics(step)
+    print(f"mjxsac-train: resuming {run.path} at env step {step:,}")
+    return state
+
+
+def run_with_signals(trainer: Trainer, run: RunDir, state: TrainState | None,
+                     wandb_log: WandbLog | None, debug: bool = False) -> int | str:  # fmt: skip
+    """Train in a worker thread; this (main) thread handles SIGINT/SIGTERM at once, even
+    while XLA compiles. The first signal asks for a checkpoint after the running chunk and
+    says so; a second one exits within moments, keeping the last complete checkpoint.
+    Returns the exit code (or the one-line message of a failure)."""
+    stop = StopRequest()
+    outcome: dict = {}
+
+    def work() -> None:
+        try:
+            train(trainer, run, state, wandb_log=wandb_log, stop=stop)
+            if wandb_log:
+                video = render_final_video(run)
+                if video:
+                    wandb_log.log_video(video)
+        except BaseException as e:
+            outcome["error"] = e
+
+    def on_signal(signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if stop:
+            print(f"\nmjxsac-train: second signal ({name}): stopping now; the last complete "
+                  f"checkpoint in {run.checkpoints} is kept. Continue with: mjxsac-train "
+                  f"--resume {run.path}", file=sys.stderr, flush=True)  # fmt: skip
+            run.release()
+            os._exit(128 + signum)
+        stop.signums.append(signum)
+        print(f"\nmjxsac-train: {name} received: finishing the running chunk, then saving a "
+              "checkpoint and exiting (send it again to stop at once, keeping the last "
+              "complete checkpoint)", file=sys.stderr, flush=True)  # fmt: skip
+
+    worker = threading.Thread(target=work, name="mjxsac-train", daemon=True)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.1)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    error = outcome.get("error")
+    if error is None:
+        return 0
+    if isinstance(error, Stopped):
+        print(f"\nmjxsac-train: stopped by {error}; checkpoint saved in {run.checkpoints}. "
+              f"Continue with: mjxsac-train --resume {run.path}", file=sys.stderr)  # fmt: skip
+        return 128 + error.signum
+    if isinstance(error, UserError) and not debug:
+        hint = ""
+        if not isinstance(error, NonFiniteError) and Checkpoints.exist(run.checkpoints):
+            hint = f"; the last complete checkpoint is kept: then mjxsac-train --resume {run.path}"
+        return f"mjxsac-train: {error}{hint}"
+    raise error
+
+
+def render_final_video(run: RunDir) -> Path | None:
+    """The final policy's video for wandb; a machine without a headless GL gets a
+    warning, not a failed run."""
+    try:
+        return render.render_run(run.path, run.path / "final.mp4", episodes=1)
+    except Exception as e:  # rendering is a bonus: never lose the run over it
+        print(f"mjxsac-train: no final video ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import envs
 from mjxsac import render
 from mjxsac import train as train_cli
 from mjxsac.checkpoint import CheckpointError, Checkpoints
-from mjxsac.runlog import RunDir
+from mjxsac.runlog import RunDir, RunDirError
 from mjxsac.sac import Trainer
 
 pytestmark = pytest.mark.xdist_group("runs")
@@ -160,6 +160,7 @@ def test_check_finite_names_the_quantity_and_step():
         (["--buffer-size", str(10**12)], "the replay buffer needs"),
         (["--env-options", "iterations=0"], "iterations must be a positive integer"),
         (["--preset", "fast"], "unknown preset"),
+        (["--env-options", "reset_noise_scale=abc"], "reset_noise_scale must be a number"),
     ],
 )
 def test_bad_configs_are_refused_before_compiling(argv, message, compile_count, tmp_path):
@@ -284,3 +285,284 @@ def test_checkpoint_from_another_device_topology_restores_and_renders(tmp_path):
     render.main([str(run_dir), "--out", str(out), "--max-steps", "20", "--width", "64",
                  "--height", "48"])  # fmt: skip
     assert out.stat().st_size > 0
+
+
+# ---- runs that never lose data -------------------------------------------------------------
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*")
+            if p.is_file() and p.name != ".lock"}  # fmt: skip
+
+
+def copy_run(source: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(".lock"))
+    return target
+
+
+def test_new_run_refuses_a_directory_that_holds_a_run(trained):
+    before = snapshot(trained)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(trained, "--total-steps", "2000")
+    message = str(exit_info.value.code)
+    assert "already holds a run" in message and f"--resume {trained}" in message
+    assert "fresh --run-dir" in message
+    assert snapshot(trained) == before, "the old run's files are untouched"
+
+
+HOLD_LOCK = """
+import sys, time
+from mjxsac.runlog import RunDir, RunDirError
+runs = [RunDir(path) for path in sys.argv[1:]]
+for run in runs:
+    run.claim(resume=True)
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_two_processes_cannot_share_a_run_directory(trained, tmp_path):
+    """Another process holds a run (a resume) and an empty directory (a new run): both
+    are refused, naming the process; once it has died, its stale lock is reported."""
+    import subprocess
+
+    held, fresh = copy_run(trained, tmp_path / "held"), tmp_path / "fresh"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(held), str(fresh)],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for argv in (["--resume", str(held)], [*BASE, "--run-dir", str(fresh)]):
+            with pytest.raises(SystemExit) as exit_info:
+                train_cli.main(argv)
+            assert f"in use by process {holder.pid} on" in str(exit_info.value.code)
+    finally:
+        holder.kill()  # SIGKILL: the holder cannot clean up its lock file
+        holder.wait()
+    assert not (fresh / "config.json").exists() and not (fresh / "checkpoints").exists()
+    run = RunDir(held)
+    notice = run.claim(resume=True)
+    assert notice and f"process {holder.pid}" in notice and "stale lock" in notice
+    run.release()
+    assert RunDir(held).claim(resume=True) is None, "a released lock is free, not stale"
+
+
+def test_best_checkpoint_survives_resumes(trained, tmp_path):
+    """Each 'process' opens the checkpoints anew, as a resumed run does; with one latest
+    checkpoint kept, the best by eval return must stay through two resumes."""
+    ckpt = Checkpoints(trained / "checkpoints", read_only=True)
+    config = ckpt.config()
+    state = ckpt.restore(Trainer(config), 2000).replace(buffer=None)
+    returns = {1000: 5.0, 2000: 900.0, 3000: 7.0, 4000: 1.0, 5000: 3.0, 6000: None}
+    steps = iter(sorted(returns))
+    for _process in range(3):  # the first run, then two resumes
+        manager = Checkpoints(tmp_path / "checkpoints", keep=1)
+        for _ in range(2):
+            step = next(steps)
+            manager.save(state.replace(env_steps=np.int32(step)), config, False, returns[step])
+        manager.close()
+    assert Checkpoints(tmp_path / "checkpoints", read_only=True).steps() == [2000, 6000]
+
+
+def damage(step_dir: Path, kind: str) -> None:
+    if kind == "truncated data file":
+        data = max((p for p in (step_dir / "state").rglob("*") if p.is_file()),
+                   key=lambda p: p.stat().st_size)  # fmt: skip
+        data.write_bytes(data.read_bytes()[:1000])
+    elif kind == "missing manifest":
+        (step_dir / "state" / "manifest.ocdbt").unlink()
+    elif kind == "emptied config":
+        (step_dir / "config" / "metadata").write_text("{}")
+
+
+@pytest.mark.parametrize("kind", ["truncated data file", "missing manifest", "emptied config"])
+def test_damaged_latest_checkpoint_is_skipped_with_a_notice(trained, tmp_path, kind, capsys):
+    run_dir = copy_run(trained, tmp_path / "damaged")
+    damage(run_dir / "checkpoints" / "6000", kind)
+    ckpt = Checkpoints(run_dir / "checkpoints", read_only=True)
+    state = ckpt.restore(Trainer(ckpt.config()))
+    assert int(state.env_steps) == 4000
+    err = capsys.readouterr().err
+    assert f"skipping checkpoint {run_dir / 'checkpoints' / '6000'}" in err
+    assert "Traceback" not in err
+    assert (run_dir / "checkpoints" / "6000").exists(), "reading deletes nothing"
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint(trained, tmp_path, capsys):
+    run_dir = copy_run(trained, tmp_path / "fallback")
+    damage(run_dir / "checkpoints" / "6000", "truncated data file")
+    train_cli.main(["--resume", str(run_dir), "--total-steps", "6000"])
+    err = capsys.readouterr().err
+    assert "skipping checkpoint" in err and "checkpoints-unusable" in err
+    assert (run_dir / "checkpoints-unusable" / "6000" / "state").is_dir(), "set aside, kept"
+    ckpt = Checkpoints(run_dir / "checkpoints", read_only=True)
+    assert ckpt.steps() == [2000, 4000, 6000]
+    assert int(ckpt.restore(Trainer(ckpt.config())).env_steps) == 6000, "saved anew"
+    assert [r["env_steps"] for r in RunDir(run_dir).read_metrics()] == [2000, 4000, 6000]
+
+
+def test_partial_metrics_line_does_not_block_resume(trained, tmp_path):
+    run_dir = copy_run(trained, tmp_path / "partial")
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"chunk": 3, "env_st')  # a process killed in the middle of a write
+    assert len(RunDir(run_dir).read_metrics()) == 3
+    train_cli.main(["--resume", str(run_dir), "--total-steps", "6000"])
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["env_steps"] for line in lines] == [2000, 4000, 6000]
+    (run_dir / "metrics.jsonl").write_text('{"a": 1}\nnot json\n{"b": 2}\n')
+    with pytest.raises(RunDirError, match="line 2 is not JSON"):
+        RunDir(run_dir).read_metrics()
+
+
+def test_resume_refuses_a_preset(trained):
+    before = snapshot(trained)
+    for argv in (["--preset", "paper"], ["--preset=paper"]):
+        with pytest.raises(SystemExit, match="--preset cannot be combined with --resume"):
+            train_cli.main(["--resume", str(trained), *argv])
+    assert snapshot(trained) == before
+
+
+def one_line(exit_info, capsys, prog: str = "mjxsac-train") -> str:
+    message = str(exit_info.value.code)
+    assert message.startswith(f"{prog}: ") and "\n" not in message, message
+    assert "Traceback" not in capsys.readouterr().err
+    return message
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--env-options", "reset_noise_scale=abc"], "reset_noise_scale must be a number"),
+        (["--env", "Hopper", "--env-options", "ctrl_cost_weight=abc"],
+         "Hopper option ctrl_cost_weight must be a number, got 'abc'"),
+        (["--env", "Hopper", "--env-options", "terminate_when_unhealthy=1"],
+         "terminate_when_unhealthy must be true or false"),
+    ],
+)  # fmt: skip
+def test_task_options_of_the_wrong_type_are_one_line_errors(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main([*argv, "--run-dir", str(tmp_path / "bad")])
+    assert message in one_line(exit_info, capsys)
+
+
+def test_unwritable_run_directory_is_a_one_line_error(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(blocker / "run", "--total-steps", "2000")
+    message = one_line(exit_info, capsys)
+    assert "creating the run directory" in message and "Not a directory" in message
+
+
+def test_disk_full_stops_the_run_and_keeps_the_last_checkpoint(trained, tmp_path, capsys):
+    """A real full disk: a 4 MiB tmpfs holds the first checkpoint (3.5 MB) but not the
+    second. Needs permission to mount (root, as in CI here)."""
+    import subprocess
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                      capture_output=True).returncode:  # fmt: skip
+        pytest.skip("cannot mount a tmpfs here; test_write_failure_... covers the path")
+    try:
+        run_dir = mount / "run"
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(run_dir, "--total-steps", "10000", "--checkpoint-every", "1")
+        message = one_line(exit_info, capsys)
+        assert "No space left on device" in message and "free some space" in message
+        assert f"--resume {run_dir}" in message
+        ckpt = Checkpoints(run_dir / "checkpoints", read_only=True)
+        assert ckpt.steps() == [2000]
+        assert int(ckpt.restore(Trainer(ckpt.config())).env_steps) == 2000
+        rows = RunDir(run_dir).read_metrics()
+        assert len(rows) <= 3, "stopped at the first chunk boundary after the failed save"
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_write_failure_stops_the_run_at_once(tmp_path, capsys, monkeypatch):
+    """The same path by a fault injected at the metrics write (works without mounting)."""
+    import errno
+
+    written = []
+
+    def append(self, row):
+        if written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.metrics_path))
+        written.append(row)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    monkeypatch.setattr(RunDir, "append_metrics", append)
+    run_dir = tmp_path / "enospc"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(run_dir, "--total-steps", "10000", "--checkpoint-every", "1")
+    message = one_line(exit_info, capsys)
+    assert "writing metrics.jsonl failed (No space left on device" in message
+    assert len(written) == 1, "no chunk trained after the failure"
+    assert Checkpoints(run_dir / "checkpoints", read_only=True).steps() == [2000]
+
+
+def test_render_into_an_unwritable_place_fails_before_the_rollout(trained, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as exit_info:
+        render.main([str(trained), "--out", str(blocker / "v.mp4")])
+    message = one_line(exit_info, capsys, "mjxsac-render")
+    assert "writing the video" in message and "parents are directories" in message
+    assert "episode 0" not in capsys.readouterr().out, "no rollout before the check"
+    assert time.monotonic() - start < 30
+
+
+def test_render_without_osmesa_is_a_one_line_error(trained, tmp_path):
+    import ctypes.util
+    import subprocess
+
+    if ctypes.util.find_library("OSMesa"):
+        pytest.skip("libOSMesa is installed here")
+    env = {**os.environ, "MUJOCO_GL": "osmesa", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-m", "mjxsac.render", str(trained), "--out", str(tmp_path / "v.mp4")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert "Traceback" not in out.stderr
+    assert lines[-1].startswith("mjxsac-render: no headless OpenGL with MUJOCO_GL=osmesa")
+    assert "libosmesa6" in lines[-1] and "MUJOCO_GL=egl" in lines[-1]
+
+
+def test_second_signal_during_compilation_stops_at_once(tmp_path):
+    """The first SIGINT says what will happen; the second, sent while the first chunk is
+    still compiling, ends the process within seconds (130), without a traceback."""
+    import subprocess
+
+    run_dir = tmp_path / "signals"
+    # Another config than the other tests' (batch size): this process must compile.
+    argv = [*BASE, "--batch-size", "128", "--total-steps", "4000", "--run-dir", str(run_dir)]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mjxsac.train", *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        for line in proc.stdout:  # printed right before the first chunk compiles
+            if line.startswith("run directory"):
+                break
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        first_line = proc.stderr.readline()
+        while "no accelerator" in first_line or not first_line.strip():
+            first_line = proc.stderr.readline()
+        assert "SIGINT received: finishing the running chunk" in first_line
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=10)
+        stopped_after = time.monotonic() - sent
+        rest = proc.stderr.read()
+    finally:
+        proc.kill()
+    assert code == 130
+    assert stopped_after < 3.0, stopped_after
+    assert "second signal" in rest and "Traceback" not in rest
+    assert not (run_dir / "metrics.jsonl").exists(), "stopped during the first compilation"

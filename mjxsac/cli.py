@@ -1,0 +1,109 @@
+"""What the command-line tools share: quiet libraries, and failures as one line.
+
+A user's mistake or the machine's refusal (a bad option, an unwritable directory, a full
+disk, a missing GL library) ends a command with one line ``<prog>: <cause and fix>`` and a
+non-zero exit code, not a traceback. ``--debug`` (or ``MJXSAC_DEBUG=1``) shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+
+DEBUG_ENV = "MJXSAC_DEBUG"
+
+
+class UserError(Exception):
+    """A failure whose message already says what happened and what to do."""
+
+
+def quiet_libraries(debug: bool = False) -> None:
+    """Orbax and friends log routine notices through absl at WARNING, and the failures of
+    their writer threads with tracebacks at ERROR; the tools report every failure
+    themselves in one line, so keep only fatal messages unless debugging."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR if debug else absl_logging.FATAL)
+    if not debug:
+        sys.unraisablehook = drop_closed_loop_noise
+
+
+def drop_closed_loop_noise(unraisable) -> None:
+    """After a failed read or write, TensorStore still completes the operations it had
+    started and calls back into the asyncio loop Orbax has already closed; Python would
+    print each of those harmless 'Event loop is closed' errors as a traceback. Drop
+    exactly those."""
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def debug_requested(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def describe_os_error(e: OSError, doing: str) -> str:
+    """One sentence for a failed file operation, with the fix for the common causes."""
+    where = f" {e.filename}" if e.filename else ""
+    reason = e.strerror or str(e)
+    if e.errno == errno.ENOSPC:
+        fix = "free some space"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "choose a writable location"
+    elif e.errno in (errno.ENOTDIR, errno.EEXIST):
+        fix = "choose a path whose parents are directories"
+    else:
+        fix = "check the path"
+    return f"{doing} failed ({reason}{':' if where else ''}{where}): {fix}"
+
+
+def write(fn: Callable[..., T], *args, what: str) -> T:
+    """Run a write to disk; a failure (a full disk, a vanished directory) becomes a
+    ``UserError`` naming what was written, the cause and the fix."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        cause = os_error_in(e)
+        if cause is None:
+            raise
+        raise UserError(describe_os_error(cause, what)) from e
+
+
+def os_error_in(e: BaseException) -> OSError | None:
+    """The operating system's error behind ``e``: in its chain of causes, or in the text
+    of a TensorStore error (which Orbax raises as a ValueError with the errno inside)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        code = re.search(r"os_error_code='?(\d+)", str(e))
+        if code:
+            number = int(code.group(1))
+            return OSError(number, os.strerror(number))
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@contextlib.contextmanager
+def one_line_errors(prog: str, debug: bool) -> Iterator[None]:
+    """Turn the expected failures into ``sys.exit("<prog>: ...")``; others propagate."""
+    try:
+        yield
+    except (UserError, ValueError, MemoryError, OSError) as e:
+        if debug:
+            raise
+        if isinstance(e, OSError) and not isinstance(e, UserError):
+            message = describe_os_error(e, "a file operation")
+        else:
+            message = str(e)
+        sys.exit(f"{prog}: {' '.join(message.split())}")
