@@ -35,6 +35,6 @@ def test_counts_are_the_iterations_mjx_runs():
     qacc = np.asarray(out.qacc)
     np.testing.assert_array_equal(qacc, solved(m, d))  # the copy is MJX's solve
     assert 2 <= niter < 100 and 1 <= ls_max < 50, (niter, ls_max)
-    # MJX capped at the counts gives the same answer; one solver iteration fewer does not.
+    # MJX capped at the counts gives the same answer. (One iteration fewer can too in
+    # float32: the last iteration may end in a line search that finds no improvement.)
     np.testing.assert_array_equal(qacc, solved(m, d, iterations=niter, ls_iterations=ls_max))
-    assert np.abs(qacc - solved(m, d, iterations=niter - 1)).max() > 0
