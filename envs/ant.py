@@ -25,6 +25,7 @@ class Ant(Env):
     frame_skip = 5
     uses_cfrc_ext = True
 
+    solver_defaults = {"iterations": 8, "ls_iterations": 8}  # see docs/ENVIRONMENTS.md
     defaults = {
         "forward_reward_weight": 1.0,
         "ctrl_cost_weight": 0.5,

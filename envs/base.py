@@ -27,6 +27,8 @@ with contextlib.redirect_stdout(io.StringIO()):
 from envs.physics import Physics
 
 ASSETS = Path(__file__).parent
+XML = "xml"
+"""The value of an iteration cap that keeps the XML's (``iterations="xml"``)."""
 
 
 @struct.dataclass
@@ -69,20 +71,25 @@ class Cone(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class PhysicsOptions:
-    """Speed options: simulator settings that override the XML's. ``None`` keeps the XML's.
+    """Speed options: simulator settings that override the XML's. ``None`` keeps the XML's,
+    except for the two iteration caps, where ``None`` means the task's default.
 
     The XMLs keep MuJoCo's defaults (100 solver iterations, 50 line-search iterations);
-    under ``vmap`` every env pays for the slowest one's iterations, so capping them, or
-    switching RK4 to Euler, buys speed at a fidelity cost that ``docs/ENVIRONMENTS.md``
-    reports as measured by the parity harness.
+    under ``vmap`` every env pays for the slowest one's iterations, and MJX's line search
+    runs all ``ls_iterations`` steps of its scan whenever envs are batched. Each task
+    therefore caps both by default (``Env.solver_defaults``) at values chosen from the
+    measured iteration needs and the parity harness (``docs/ENVIRONMENTS.md``).
+    ``iterations="xml"`` / ``ls_iterations="xml"`` (or the numbers 100 / 50) restore the
+    XML's; Euler instead of RK4 buys more speed at a fidelity cost measured there too.
     """
 
     solver: str | None = None
     """'newton' or 'cg'. PGS (Humanoid's XML) is not available in MJX: Newton replaces it."""
-    iterations: int | None = None
-    """Maximum constraint-solver iterations."""
-    ls_iterations: int | None = None
-    """Maximum line-search iterations of the solver."""
+    iterations: int | str | None = None
+    """Maximum constraint-solver iterations: a positive integer, 'xml' for the XML's, or
+    None for the task's default (``Env.solver_defaults``)."""
+    ls_iterations: int | str | None = None
+    """Maximum line-search iterations of the solver: as ``iterations``."""
     integrator: str | None = None
     """'euler', 'rk4' or 'implicitfast'."""
     cone: str | None = None
@@ -97,10 +104,12 @@ class PhysicsOptions:
                 _enum_value(kind, getattr(self, name), name)
         for name in ("iterations", "ls_iterations"):
             value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            if (
+                value is not None
+                and value != XML
+                and (isinstance(value, bool) or not isinstance(value, int) or value < 1)
             ):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ValueError(f"{name} must be a positive integer or 'xml', got {value!r}")
         if not isinstance(self.faithful, bool):
             raise ValueError(f"faithful must be true or false, got {self.faithful!r}")
 
@@ -116,8 +125,13 @@ class PhysicsOptions:
         if self.cone is not None:
             opt.cone = _enum_value(Cone, self.cone, "cone")
         for name in ("iterations", "ls_iterations"):
-            if getattr(self, name) is not None:
+            if getattr(self, name) not in (None, XML):
                 setattr(opt, name, getattr(self, name))
+
+    def with_task_defaults(self, defaults: dict[str, int]) -> PhysicsOptions:
+        """These options, with the task's default for each iteration cap left at None."""
+        chosen = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **chosen)
 
 
 def add_physics_arguments(parser) -> None:
@@ -128,13 +142,17 @@ def add_physics_arguments(parser) -> None:
             raise ValueError(text)
         return text.lower() in ("true", "1")
 
-    kinds = {"iterations": int, "ls_iterations": int, "faithful": boolean}
+    def cap(text: str) -> int | str:
+        return XML if text.lower() == XML else int(text)
+
+    kinds = {"iterations": cap, "ls_iterations": cap, "faithful": boolean}
     for field in dataclasses.fields(PhysicsOptions):
         parser.add_argument(
             f"--{field.name.replace('_', '-')}",
             dest=field.name,
             type=kinds.get(field.name, str),
-            help=f"speed/fidelity option (PhysicsOptions.{field.name}); default: the XML's",
+            help=f"speed/fidelity option (PhysicsOptions.{field.name}); default: the "
+            + ("task's" if "iterations" in field.name else "XML's"),
         )
 
 
@@ -168,6 +186,9 @@ class Env:
     defaults: dict[str, Any] = {}
     """Gymnasium's keyword arguments of the task and their v5 defaults; each becomes an
     attribute of the env, and ``envs.make(name, **overrides)`` may override any of them."""
+    solver_defaults: dict[str, int] = {}
+    """The task's solver caps (``iterations``, ``ls_iterations``) when the user gives none;
+    measured and justified in ``docs/ENVIRONMENTS.md``. Empty keeps the XML's."""
     qvel_noise: str = "uniform"
     """Reset noise on qvel: 'uniform' in +-reset_noise_scale, or 'normal' with that scale
     (HalfCheetah, Ant), as in Gymnasium."""
@@ -185,9 +206,13 @@ class Env:
             raise TypeError(f"{self.name} has no option {', '.join(unknown)}")
         for key, value in {**self.defaults, **overrides}.items():
             setattr(self, key, value)
-        self.physics = physics or PhysicsOptions()
+        chosen = (physics or PhysicsOptions()).with_task_defaults(self.solver_defaults)
         model = mujoco.MjModel.from_xml_path(str(ASSETS / self.xml))
-        self.physics.apply(model)
+        chosen.apply(model)
+        # What the model runs, with 'xml' resolved to the XML's numbers.
+        self.physics = dataclasses.replace(
+            chosen, iterations=int(model.opt.iterations), ls_iterations=int(model.opt.ls_iterations)
+        )
         self.mj_model = model
         self.mjx_model = mjx.put_model(model, impl="jax")
         self.sim = Physics(self.mjx_model, self.physics.faithful)

@@ -21,6 +21,7 @@ class Hopper(Env):
     frame_skip = 4
     camera_distance = 3.0
 
+    solver_defaults = {"iterations": 4, "ls_iterations": 4}  # see docs/ENVIRONMENTS.md
     defaults = {
         "forward_reward_weight": 1.0,
         "ctrl_cost_weight": 1e-3,

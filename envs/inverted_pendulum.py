@@ -20,6 +20,7 @@ class InvertedPendulum(Env):
     camera_distance = 2.04
     camera_tracks = False
 
+    solver_defaults = {"iterations": 4, "ls_iterations": 4}  # see docs/ENVIRONMENTS.md
     defaults = {"reset_noise_scale": 0.01}
 
     def _reset_physics(self, data: mjx.Data) -> mjx.Data:

@@ -19,6 +19,7 @@ class Swimmer(Env):
     frame_skip = 4
     camera_distance = 3.0
 
+    solver_defaults = {"iterations": 4, "ls_iterations": 4}  # see docs/ENVIRONMENTS.md
     defaults = {"forward_reward_weight": 1.0, "ctrl_cost_weight": 1e-4, "reset_noise_scale": 0.1}
 
     def _reset_physics(self, data: mjx.Data) -> mjx.Data:

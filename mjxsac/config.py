@@ -43,8 +43,9 @@ class Config:
     env_options: str = ""
     """Task options as 'key=value,...': Gymnasium's keyword arguments of the task (e.g.
     'ctrl_cost_weight=0.1') or simulator speed options (e.g.
-    'iterations=4,ls_iterations=8,integrator=euler'; docs/ENVIRONMENTS.md gives their
-    measured fidelity cost). Empty: Gymnasium's defaults and XML."""
+    'integrator=euler'; docs/ENVIRONMENTS.md gives their measured fidelity cost). Empty:
+    Gymnasium's defaults, its XML, and the task's measured solver caps;
+    'iterations=xml,ls_iterations=xml' restores the XML's solver settings."""
 
     # ---- sizes (static) --------------------------------------------------------------------
     num_envs: int = 16

@@ -3,12 +3,17 @@ over a random rollout, and auto-resets while keeping the terminal observation.""
 
 from __future__ import annotations
 
+import argparse
+
 import jax
 import jax.numpy as jnp
+import mujoco
 import numpy as np
 import pytest
 
 import envs
+from envs.base import ASSETS, add_physics_arguments, physics_from_arguments
+from mjxsac.config import Config
 
 # Gymnasium v5 observation / action sizes, from its documentation.
 SIZES = {
@@ -42,8 +47,10 @@ def test_unknown_and_bad_options():
         envs.make("Hopper", forward_weight=2.0)
     with pytest.raises(ValueError, match="unknown integrator 'rk5'"):
         envs.make("Hopper", integrator="rk5")
-    with pytest.raises(ValueError, match="iterations must be a positive integer"):
+    with pytest.raises(ValueError, match="iterations must be a positive integer or 'xml'"):
         envs.make("Hopper", iterations=0)
+    with pytest.raises(ValueError, match="ls_iterations must be a positive integer or 'xml'"):
+        envs.make("Hopper", ls_iterations="50")
 
 
 def test_options_reach_the_model():
@@ -53,6 +60,39 @@ def test_options_reach_the_model():
     # Humanoid's XML asks for PGS, which MJX lacks: Newton stands in.
     assert envs.make("Humanoid").mj_model.opt.solver == 2
     assert envs.make("Hopper", ctrl_cost_weight=0.5).ctrl_cost_weight == 0.5
+
+
+@pytest.mark.parametrize("name", envs.NAMES)
+def test_solver_defaults_and_the_xml_settings(name):
+    """Each task runs its own solver caps by default; --env-options restores the XML's,
+    by name or by number, and a single explicit cap leaves the other at the task's."""
+    xml = mujoco.MjModel.from_xml_path(str(ASSETS / envs.env_class(name).xml)).opt
+    expected = (xml.iterations, xml.ls_iterations)  # 100 / 50; Humanoid's XML: 50 / 50
+    defaults = envs.env_class(name).solver_defaults
+    opt = envs.make(name).mj_model.opt
+    assert (opt.iterations, opt.ls_iterations) == (
+        defaults["iterations"],
+        defaults["ls_iterations"],
+    )
+    assert (opt.iterations, opt.ls_iterations) != expected
+    options = Config(env=name, env_options="iterations=xml,ls_iterations=xml").env_kwargs()
+    env = envs.make(name, **options)
+    assert (env.mj_model.opt.iterations, env.mj_model.opt.ls_iterations) == expected
+    assert (env.physics.iterations, env.physics.ls_iterations) == expected
+
+
+def test_explicit_caps_and_the_command_line():
+    options = Config(env="Hopper", env_options="iterations=100,ls_iterations=50").env_kwargs()
+    opt = envs.make("Hopper", **options).mj_model.opt
+    assert (opt.iterations, opt.ls_iterations) == (100, 50)
+    parser = argparse.ArgumentParser()
+    add_physics_arguments(parser)
+    args = parser.parse_args(["--iterations", "XML", "--ls-iterations", "9"])
+    assert physics_from_arguments(args) == {"iterations": "xml", "ls_iterations": 9}
+    opt = envs.make("Hopper", **physics_from_arguments(args)).mj_model.opt
+    assert (opt.iterations, opt.ls_iterations) == (100, 9)
+    opt = envs.make("Hopper", ls_iterations=7).mj_model.opt  # the other cap stays the task's
+    assert opt.iterations == envs.env_class("Hopper").solver_defaults.get("iterations", 100)
 
 
 @pytest.mark.parametrize("name", envs.NAMES)
