@@ -5,9 +5,11 @@ same run. Prints a Markdown table and writes JSON.
     python -m launch.bench_envs                                  # all tasks, 1k/4k/16k envs
     python -m launch.bench_envs --tasks Hopper Ant --num-envs 4096 --brax
     python -m launch.bench_envs --tasks Ant --iterations 4 --ls-iterations 8  # speed options
+    python -m launch.bench_envs --tasks Hopper Ant --xml     # defaults vs the XML's solver caps
 
 Two columns per task: ``raw`` steps the vmapped env alone, ``wrapped`` adds what training
-pays for (time limit and auto-reset with fresh reset noise).
+pays for (time limit and auto-reset with fresh reset noise). ``--xml`` adds ``raw`` with the
+XML's solver caps (``iterations=xml,ls_iterations=xml``) and the ratio of the two.
 """
 
 from __future__ import annotations
@@ -57,18 +59,18 @@ def measure(reset: Callable, step: Callable, num_envs: int, action_size: int, st
     return {"steps_per_s": num_envs * steps / best, "compile_s": compile_s, "run_s": best}
 
 
-def bench_ours(task: str, num_envs: int, steps: int, options: dict) -> dict:
+def bench_ours(task: str, num_envs: int, steps: int, options: dict,
+               stacks: tuple[str, ...] = ("raw", "wrapped")) -> dict:  # fmt: skip
     env = envs.make(task, **options)
-    raw = envs.VmapEnv(env, num_envs)
-    wrapped = envs.wrap(env, num_envs)
 
     def scaled(stack):
         return lambda state, action: stack.step(state, envs.scale_action(env, action))
 
-    return {
-        "raw": measure(raw.reset, scaled(raw), num_envs, env.action_size, steps),
-        "wrapped": measure(wrapped.reset, scaled(wrapped), num_envs, env.action_size, steps),
-    }
+    out = {}
+    for name in stacks:
+        stack = envs.VmapEnv(env, num_envs) if name == "raw" else envs.wrap(env, num_envs)
+        out[name] = measure(stack.reset, scaled(stack), num_envs, env.action_size, steps)
+    return out
 
 
 def bench_brax(task: str, num_envs: int, steps: int) -> dict:
@@ -85,18 +87,19 @@ def bench_brax(task: str, num_envs: int, steps: int) -> dict:
 def table(results: list[dict]) -> str:
     lines = [
         "| task | envs | ours raw steps/s (compile s) | ours wrapped steps/s (compile s) "
-        "| Brax mjx steps/s (compile s) |",
-        "|---|---|---|---|---|",
+        "| Brax mjx steps/s (compile s) | ours raw, XML solver caps (compile s) | ratio |",
+        "|---|---|---|---|---|---|---|",
     ]
 
     def cell(r: dict | None) -> str:
         return "" if not r else f"{r['steps_per_s'] / 1e3:,.1f}k ({r['compile_s']:.0f})"
 
     for r in results:
-        brax = r.get("brax") or {}
+        brax, xml = r.get("brax") or {}, (r.get("xml") or {}).get("raw")
+        ratio = f"{r['ours']['raw']['steps_per_s'] / xml['steps_per_s']:.2f}x" if xml else ""
         lines.append(
             f"| {r['task']} | {r['num_envs']:,} | {cell(r['ours']['raw'])} | "
-            f"{cell(r['ours']['wrapped'])} | {cell(brax.get('raw'))} |"
+            f"{cell(r['ours']['wrapped'])} | {cell(brax.get('raw'))} | {cell(xml)} | {ratio} |"
         )
     return "\n".join(lines)
 
@@ -107,6 +110,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--num-envs", nargs="+", type=int, default=[1024, 4096, 16384])
     parser.add_argument("--steps", type=int, default=200, help="scan length per rollout")
     parser.add_argument("--brax", action="store_true", help="also Brax's built-in mjx envs")
+    parser.add_argument("--xml", action="store_true", help="also ours with the XML's solver caps")
     parser.add_argument("--out", default="bench_envs.json", help="JSON results")
     add_physics_arguments(parser)
     args = parser.parse_args(argv)
@@ -119,6 +123,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "ours": bench_ours(task, n, args.steps, options)}  # fmt: skip
             if args.brax:
                 row["brax"] = bench_brax(task, n, args.steps)
+            if args.xml:
+                xml = {**options, "iterations": "xml", "ls_iterations": "xml"}
+                row["xml"] = bench_ours(task, n, args.steps, xml, stacks=("raw",))
             results.append(row)
             print(table([row]).splitlines()[-1], flush=True)
             with open(args.out, "w") as f:  # rewritten after each row: nothing lost
