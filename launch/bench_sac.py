@@ -33,7 +33,7 @@ from mjxsac import normalizer as obs_norm  # noqa: E402
 from mjxsac import presets  # noqa: E402
 from mjxsac.config import Config, parse_scalar  # noqa: E402
 from mjxsac.networks import deterministic_action  # noqa: E402
-from mjxsac.sac import Trainer, run_keys, seed_key  # noqa: E402
+from mjxsac.sac import Trainer, env_steps  # noqa: E402
 
 
 def make_config(task: str, algo: str, preset: str, seed: int, sets: list[str]) -> Config:
@@ -51,20 +51,17 @@ def run_ours(config: Config, target: float | None, budget_s: float, eval_chunks:
     """Train until ``target`` (if given) or the step budget; evaluate every
     ``eval_chunks`` chunks. Times count from process start."""
     trainer = Trainer(config)
-    train_key, eval_key = run_keys(config.seed)
-    state = trainer.init(train_key)
+    state = trainer.init()
     curve, reached = [], None
     for chunk in range(config.num_chunks):
         state, _ = trainer.train_chunk(state)
         if (chunk + 1) % eval_chunks and chunk + 1 != config.num_chunks:
             continue
-        returns, _ = trainer.evaluate(
-            state.actor, state.normalizer, jax.random.fold_in(eval_key, chunk)
-        )
+        returns, _ = trainer.evaluate(state, chunk)
         eval_return = float(np.mean(returns))  # waits for the chunk and the evaluation
         point = {
             "wall_s": time.monotonic() - PROCESS_START,
-            "env_steps": int(state.env_steps),
+            "env_steps": env_steps(state),
             "eval_return": eval_return,
         }
         curve.append(point)
@@ -155,7 +152,7 @@ def cmd_overhead(args) -> dict:
     sets = [*args.set, f"num_envs={args.num_envs}", "updates_per_step=0", "warmup_steps=0"]
     config = make_config(args.task, "sac-v2", args.preset, args.seeds[0], sets)
     trainer = Trainer(config)
-    state = trainer.init(seed_key(0))
+    state = trainer.init()
     t0 = time.perf_counter()
     state, _ = trainer.train_chunk(state)
     jax.block_until_ready(state)

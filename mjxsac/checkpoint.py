@@ -31,13 +31,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from mjxsac import buffer as replay
 from mjxsac.cli import drop_closed_loop_noise
-from mjxsac.config import HOST_ONLY, Config
-from mjxsac.sac import Trainer, TrainState, default_device, place, seed_key
+from mjxsac.config import DATA, HOST_ONLY, Config
+from mjxsac.sac import Trainer, TrainState, default_device, env_steps, place
 
 ITEMS = ("state", "policy", "config", "meta")
 
@@ -101,12 +102,15 @@ class Checkpoints:
     # ---- saving ------------------------------------------------------------------------------
 
     def save(self, state: TrainState, config: Config, save_buffer: bool,
-             eval_return: float | None = None) -> int:  # fmt: skip
+             eval_returns: list[float] | None = None) -> int:  # fmt: skip
         """Save at step ``env_steps`` (asynchronously; the arrays are copied first, so the
-        caller may donate ``state`` to the next chunk at once)."""
-        step = int(state.env_steps)
+        caller may donate ``state`` to the next chunk at once). ``eval_returns``: each
+        member's; the checkpoint's rank among the best is their mean."""
+        step = env_steps(state)
         saved = drop_empty(state if save_buffer else state.replace(buffer=None))
-        meta = {"env_steps": step, "has_buffer": save_buffer, "eval_return": eval_return}
+        mean = None if eval_returns is None else float(sum(eval_returns) / len(eval_returns))
+        meta = {"env_steps": step, "has_buffer": save_buffer, "eval_return": mean,
+                "eval_returns": eval_returns}  # fmt: skip
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -115,7 +119,7 @@ class Checkpoints:
                 config=ocp.args.JsonSave(config.to_dict()),
                 meta=ocp.args.JsonSave(meta),
             ),
-            metrics=None if eval_return is None else {"eval_return": eval_return},
+            metrics=None if mean is None else {"eval_return": mean},
             force=True,
         )
         return step
@@ -200,11 +204,12 @@ class Checkpoints:
         state = fill_empty(self._restore_item(step, "state", drop_empty(target)), target)
         if not has_buffer:
             c = trainer.config
-            state = state.replace(
-                buffer=replay.init(c.buffer_size, trainer.obs_size, trainer.action_size)
-            )
-        if int(state.env_steps) != step:
-            raise CheckpointError(f"its state is at env step {int(state.env_steps)}, not {step}")
+            members = jnp.arange(trainer.population_size)
+            empty = jax.vmap(lambda _: replay.init(c.buffer_size, trainer.obs_size,
+                                                   trainer.action_size))(members)  # fmt: skip
+            state = state.replace(buffer=empty)
+        if env_steps(state) != step:
+            raise CheckpointError(f"its state is at env step {env_steps(state)}, not {step}")
         return place(state)
 
     def restore_policy(self, trainer: Trainer, step: int | None = None) -> tuple[int, dict]:
@@ -262,7 +267,7 @@ def policy_of(state: TrainState) -> dict[str, Any]:
 
 def state_shapes(trainer: Trainer) -> TrainState:
     """The shapes and dtypes of ``trainer``'s TrainState, computed without allocating it."""
-    return jax.eval_shape(trainer.init, seed_key(0))
+    return jax.eval_shape(trainer._init, *trainer.init_args())
 
 
 def abstract(tree: Any) -> Any:
@@ -271,8 +276,9 @@ def abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-# Fields a resumed run may change: they do not shape the TrainState or the learning.
-RESUMABLE_CHANGES = HOST_ONLY | {"eval_envs"}
+# Fields a resumed run may change: they do not shape the TrainState.
+# Data fields too (not the seed): a resume may lower a learning rate after a NaN stop.
+RESUMABLE_CHANGES = HOST_ONLY | {"eval_envs"} | (DATA - {"seed"})
 
 
 def check_compatible(saved: Config, wanted: Config) -> None:

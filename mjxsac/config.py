@@ -1,8 +1,13 @@
 """The run configuration: one frozen dataclass, a docstring per field.
 
-A ``Config`` is static for the compiled program: changing any field means a new run (or a
-new compilation). Derived sizes are properties, and ``validate`` refuses impossible
-settings before anything is compiled.
+Three kinds of field: *shape* fields decide the compiled program (task, algorithm, sizes,
+network widths, updates per step, the population's size); *data* fields (``DATA``: the
+seed, learning rates, gamma, tau, reward scale, temperature settings) are carried in the
+TrainState as per-member arrays, so changing them never recompiles and they may differ
+across a population's members; *host-only* fields (``HOST_ONLY``) never reach the device.
+A run is a population of members (``seeds`` x the grid of ``vary``); one member is an
+ordinary run. Derived sizes are properties, and ``validate`` refuses impossible settings
+before anything is compiled.
 """
 
 from __future__ import annotations
@@ -22,6 +27,15 @@ HOST_ONLY = frozenset(
         "keep_checkpoints", "save_buffer", "wandb", "wandb_project", "wandb_entity",
     }
 )  # fmt: skip
+# Fields the TrainState carries as per-member data (see ``Config.members``).
+DATA = frozenset(
+    {"seed", "actor_lr", "critic_lr", "alpha_lr", "gamma", "tau", "init_alpha",
+     "target_entropy", "reward_scale"}
+)  # fmt: skip
+# Fields added after the first release: a saved config without them gets their defaults.
+ADDED_LATER = frozenset({"seeds", "vary"})
+# Data fields a population may vary (``--vary``); the seed varies through ``seeds``.
+VARIABLE = DATA - {"seed"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +52,12 @@ class Config:
     """Which preset of ``mjxsac/presets.py`` supplied the defaults (recorded for the run)."""
     seed: int = 0
     """Seeds everything: network init, exploration, env resets, replay sampling."""
+    seeds: str = ""
+    """A population's seeds: '0-7' or '0,3,5'. Empty: the one ``seed``."""
+    vary: tuple[str, ...] = ()
+    """Data fields varied across the population, each 'field=v1,v2,...' (e.g.
+    'critic_lr=1e-4,3e-4'); the population is the grid of the values times the seeds. On
+    the command line: ``--vary critic_lr=1e-4,3e-4 --vary gamma=0.97,0.99``."""
     episode_length: int = 1000
     """Time limit in env steps (Gymnasium's v5 tasks: 1000); truncation bootstraps."""
     env_options: str = ""
@@ -157,13 +177,7 @@ class Config:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if not self.hidden_sizes or any(h < 1 for h in self.hidden_sizes):
             raise ValueError(f"hidden_sizes must be positive widths, got {self.hidden_sizes}")
-        for name in ("gamma", "tau"):
-            value = getattr(self, name)
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1], got {value}")
-        for name in ("actor_lr", "critic_lr", "alpha_lr", "init_alpha", "reward_scale"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        _check_data(self, "")
         if self.log_std_min >= self.log_std_max:
             raise ValueError("log_std_min must be below log_std_max")
         if self.num_envs > self.buffer_size:
@@ -181,6 +195,10 @@ class Config:
                 f"batch_size ({self.batch_size}) exceeds the replay capacity ({self.buffer_size})"
             )
         envs.check_options(self.env, self.env_kwargs())
+        members = self.members()
+        if len(members) > 1:
+            for i in range(len(members)):
+                _check_data(self.member(i), f"member {i}")
         return self
 
     def env_kwargs(self) -> dict[str, int | float | bool | str]:
@@ -193,13 +211,81 @@ class Config:
             out[key.strip()] = parse_scalar(value.strip())
         return out
 
-    def compiled_identity(self) -> Config:
-        """This config with the host-only fields at their defaults (see ``HOST_ONLY``)."""
-        return dataclasses.replace(self, **{f: getattr(Config, f) for f in HOST_ONLY})
+    def compiled_identity(self) -> tuple[Config, int]:
+        """What the compiled programs depend on: this config without the host-only and
+        data fields (at their defaults), and the population's size."""
+        reset = HOST_ONLY | DATA | {"seeds", "vary"}
+        return dataclasses.replace(self, **{f: getattr(Config, f) for f in reset}), len(
+            self.members()
+        )
+
+    # ---- the population ------------------------------------------------------------------
+
+    def seed_list(self) -> list[int]:
+        """The seeds of ``seeds`` ('0-7', '0,3,5', '1-3,8'), or ``[seed]``."""
+        if not self.seeds.strip():
+            return [self.seed]
+        out: list[int] = []
+        for part in filter(None, (p.strip() for p in self.seeds.split(","))):
+            low, sep, high = part.partition("-")
+            try:
+                values = range(int(low), int(high) + 1) if sep else [int(low)]
+            except ValueError:
+                raise ValueError(f"seeds must look like 0-7 or 0,3,5, got {self.seeds!r}") from None
+            if sep and int(high) < int(low):
+                raise ValueError(f"seeds range {part!r} is empty")
+            out += values
+        if len(set(out)) != len(out):
+            raise ValueError(f"seeds repeat a seed: {self.seeds!r}")
+        return out
+
+    def varied(self) -> dict[str, list[float]]:
+        """``vary`` parsed: field -> values, in the order given."""
+        out: dict[str, list[float]] = {}
+        for item in self.vary:
+            name, sep, values = item.partition("=")
+            name = name.strip().replace("-", "_")
+            if not sep or not values.strip():
+                raise ValueError(f"--vary {item!r} must look like field=v1,v2")
+            if name not in VARIABLE:
+                kind = "the population's seeds (use seeds)" if name == "seed" else (
+                    "a shape of the program: run separate populations" if name in _FIELDS
+                    else "not a config field")  # fmt: skip
+                raise ValueError(
+                    f"--vary {name}: {kind}; variable fields: {', '.join(sorted(VARIABLE))}"
+                )
+            if name in out:
+                raise ValueError(f"--vary {name} is given twice")
+            try:
+                out[name] = [float(v) for v in values.split(",")]
+            except ValueError:
+                raise ValueError(f"--vary {item!r}: values must be numbers") from None
+        return out
+
+    def members(self) -> list[dict]:
+        """Each member's index, seed and varied values: the grid of ``vary`` (first field
+        slowest) times the seeds (fastest)."""
+        grid: list[dict] = [{}]
+        for name, values in self.varied().items():
+            grid = [{**g, name: v} for g in grid for v in values]
+        seeds = self.seed_list()
+        rows = [{"seed": s, **g} for g in grid for s in seeds]
+        return [{"index": i, **row} for i, row in enumerate(rows)]
+
+    def member(self, index: int) -> Config:
+        """The ordinary (one-member) run that member ``index`` of this population is."""
+        row = self.members()[index]
+        values = {k: v for k, v in row.items() if k != "index"}
+        return dataclasses.replace(self, seeds="", vary=(), **values)
+
+    @property
+    def population_size(self) -> int:
+        return len(self.members())
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["hidden_sizes"] = list(self.hidden_sizes)
+        d["vary"] = list(self.vary)
         return d
 
     @classmethod
@@ -218,11 +304,22 @@ class Config:
         that lost fields is damaged, not a request for the defaults)."""
         if not isinstance(d, dict):
             raise ValueError(f"the saved config is not a JSON object: {d!r:.80}")
-        missing = sorted({f.name for f in dataclasses.fields(cls)} - set(d))
+        missing = sorted({f.name for f in dataclasses.fields(cls)} - set(d) - ADDED_LATER)
         if missing:
             named = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
             raise ValueError(f"the saved config lacks {len(missing)} fields ({named})")
         return cls.from_dict(d)
+
+
+def _check_data(config: Config, who: str) -> None:
+    where = f" ({who})" if who else ""
+    for name in ("gamma", "tau"):
+        value = getattr(config, name)
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"{name} must be in (0, 1], got {value}{where}")
+    for name in ("actor_lr", "critic_lr", "alpha_lr", "init_alpha", "reward_scale"):
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)}{where}")
 
 
 def _check_type(name: str, value, kind) -> None:
@@ -231,7 +328,8 @@ def _check_type(name: str, value, kind) -> None:
     if origin is Literal:
         ok = value in args
     elif origin is tuple:
-        ok = isinstance(value, tuple) and all(isinstance(v, int) for v in value)
+        item = args[0]
+        ok = isinstance(value, tuple) and all(_type_ok(v, item) for v in value)
     elif origin in (typing.Union, types.UnionType):
         ok = any(_type_ok(value, k) for k in args)
     else:
@@ -262,7 +360,8 @@ def _coerce(kind, value):
     if kind is bool and isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
     if typing.get_origin(kind) is tuple and isinstance(value, list | tuple):
-        return tuple(int(v) for v in value)
+        item = typing.get_args(kind)[0]
+        return tuple(int(v) if item is int else v for v in value)
     return value
 
 
@@ -275,3 +374,6 @@ def parse_scalar(text: str) -> int | float | bool | str:
         except ValueError:
             pass
     return text
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(Config))

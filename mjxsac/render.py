@@ -119,14 +119,21 @@ def _act_and_step(trainer: Trainer, stochastic: bool, policy: dict, state, key: 
     return trainer.env.step(state, scale_action(trainer.env, action))
 
 
-def load(path: str | Path) -> tuple[Trainer, dict, int]:
-    """The trainer (from the checkpoint's own config) and the policy of a checkpoint."""
+def load(path: str | Path, member: int | None = None) -> tuple[Trainer, dict, int, int]:
+    """The trainer (from the checkpoint's own config), one member's policy, the step and
+    the member (default: the best by the checkpoint's eval returns, else the first)."""
     directory, step = find_checkpoints(path)
     ckpt = Checkpoints(directory, read_only=True, prog="mjxsac-render")
     config = ckpt.config(step)
     trainer = Trainer(config)
     step, policy = ckpt.restore_policy(trainer, step)
-    return trainer, policy, step
+    size = trainer.population_size
+    if member is None:
+        returns = ckpt.meta(step).get("eval_returns")
+        member = int(np.argmax(returns)) if returns else 0
+    if not 0 <= member < size:
+        raise UserError(f"--member {member}: the population has members 0..{size - 1}")
+    return trainer, jax.tree.map(lambda x: x[member], policy), step, member
 
 
 def write_video(frames: list[np.ndarray], path: Path, fps: float) -> Path:
@@ -155,15 +162,17 @@ def render_run(
     height: int = 360,
     max_steps: int | None = None,
     seed: int = 0,
+    member: int | None = None,
 ) -> Path:
-    """Roll out ``episodes`` of the checkpoint's policy and write them as one video;
+    """Roll out ``episodes`` of the checkpoint's policy (of ``member`` in a population;
+    default the best by the checkpoint's eval returns) and write them as one video;
     returns the MP4's path. Prints each episode's return."""
     run_dir = find_checkpoints(checkpoint)[0].parent
     out = Path(out) if out else run_dir / "video.mp4"
     check_writable(out)
     if gif:
         check_writable(out.with_suffix(".gif"))
-    trainer, policy, step = load(checkpoint)
+    trainer, policy, step, member = load(checkpoint, member)
     runner = PolicyRunner(trainer, policy, width, height)
     max_steps = max_steps or trainer.config.episode_length
     key, frames, returns = jax.random.key(seed), [], []
@@ -174,8 +183,9 @@ def render_run(
         print(f"episode {i}: return {ret:,.2f} over {len(episode_frames) - 1} steps")
     fps = 1.0 / trainer.env.dt
     write_video(frames, out, fps)
+    who = f" member {member}" if trainer.population_size > 1 else ""
     print(
-        f"{trainer.config.env} at env step {step:,}: wrote {out} ({len(frames)} frames, "
+        f"{trainer.config.env}{who} at env step {step:,}: wrote {out} ({len(frames)} frames, "
         f"{fps:.0f} fps); mean return {np.mean(returns):,.2f}"
     )
     if gif:
@@ -194,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--height", type=int, default=360)
     parser.add_argument("--max-steps", type=int, help="per episode; default: the time limit")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--member", type=int, help="population member; default: the best")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of failures")
     args = parser.parse_args(argv)
     quiet_libraries(args.debug or debug_requested([]))
@@ -202,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     with one_line_errors("mjxsac-render", args.debug or debug_requested([])):
         render_run(
             args.checkpoint, args.out, args.episodes, args.stochastic, args.gif,
-            args.width, args.height, args.max_steps, args.seed,
+            args.width, args.height, args.max_steps, args.seed, args.member,
         )  # fmt: skip
 
 

@@ -124,16 +124,28 @@ class RunDir:
     def write_config(self, config: Config) -> None:
         write_atomic(self.path / "config.json", json.dumps(config.to_dict(), indent=1) + "\n")
 
-    def append_metrics(self, row: dict) -> None:
-        with self.metrics_path.open("a") as f:
+    def write_population(self, config: Config) -> None:
+        """``population.json``: each member's index, seed and varied values."""
+        write_atomic(self.path / "population.json", json.dumps(config.members(), indent=1))
+
+    def member_metrics_path(self, member: int) -> Path:
+        return self.path / "members" / str(member) / "metrics.jsonl"
+
+    def append_metrics(self, row: dict, member: int | None = None) -> None:
+        """A row of ``metrics.jsonl`` (the run's; in a population, the population's
+        summary) or of ``members/<k>/metrics.jsonl``."""
+        path = self.metrics_path if member is None else self.member_metrics_path(member)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def read_metrics(self) -> list[dict]:
+    def read_metrics(self, member: int | None = None) -> list[dict]:
         """The rows written so far. A partial last line (a process killed while writing it)
         is left out; a malformed line elsewhere is an error naming it."""
-        if not self.metrics_path.exists():
+        path = self.metrics_path if member is None else self.member_metrics_path(member)
+        if not path.exists():
             return []
-        lines = self.metrics_path.read_text().split("\n")
+        lines = path.read_text().split("\n")
         rows = []
         for number, line in enumerate(lines, 1):
             if not line.strip():
@@ -144,33 +156,41 @@ class RunDir:
                 if number == len(lines):  # no newline after it: the write was cut off
                     continue
                 raise RunDirError(
-                    f"{self.metrics_path} line {number} is not JSON: repair or remove that line"
+                    f"{path} line {number} is not JSON: repair or remove that line"
                 ) from None
         return rows
 
     def truncate_metrics(self, env_steps: int) -> None:
         """Drop rows beyond ``env_steps`` (a resumed run rewrites them) and any partial
-        last line."""
-        rows = [r for r in self.read_metrics() if r.get("env_steps", 0) <= env_steps]
-        write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        last line, in the run's and every member's file."""
+        members = sorted(int(p.name) for p in (self.path / "members").glob("*") if p.name.isdigit())
+        for member in [None, *members]:
+            path = self.metrics_path if member is None else self.member_metrics_path(member)
+            rows = [r for r in self.read_metrics(member) if r.get("env_steps", 0) <= env_steps]
+            write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
-    def plot(self, title: str) -> Path:
-        """Evaluation and training returns against env steps, as ``learning_curve.png``."""
+    def plot(self, title: str, config: Config | None = None) -> Path:
+        """Evaluation and training returns against env steps, as ``learning_curve.png``. A
+        population shows each setting's mean eval return over its seeds, with a band from
+        the worst to the best seed."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = self.read_metrics()
         fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-        for key, label, style in (
-            ("eval/return_mean", "eval (deterministic)", "o-"),
-            ("train/episode_return", "train episodes", "-"),
-        ):
-            points = [(r["env_steps"], r[key]) for r in rows if key in r]
-            if points:
-                xs, ys = zip(*points, strict=True)
-                ax.plot(xs, ys, style, label=label, markersize=3)
+        if config is not None and config.population_size > 1:
+            self._plot_population(ax, config)
+        else:
+            rows = self.read_metrics()
+            for key, label, style in (
+                ("eval/return_mean", "eval (deterministic)", "o-"),
+                ("train/episode_return", "train episodes", "-"),
+            ):
+                points = [(r["env_steps"], r[key]) for r in rows if key in r]
+                if points:
+                    xs, ys = zip(*points, strict=True)
+                    ax.plot(xs, ys, style, label=label, markersize=3)
         ax.set_xlabel("environment steps")
         ax.set_ylabel("episode return")
         ax.set_title(title)
@@ -186,6 +206,28 @@ class RunDir:
             plt.close(fig)
         tmp.replace(out)
         return out
+
+    def _plot_population(self, ax, config: Config) -> None:
+        import numpy as np
+
+        settings: dict[str, list[int]] = {}
+        for m in config.members():
+            varied = ", ".join(f"{k}={v:g}" for k, v in m.items() if k not in ("index", "seed"))
+            settings.setdefault(varied or "all seeds", []).append(m["index"])
+        for label, indices in settings.items():
+            curves = []
+            for k in indices:
+                rows = [r for r in self.read_metrics(k) if "eval/return_mean" in r]
+                curves.append({r["env_steps"]: r["eval/return_mean"] for r in rows})
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            if not steps:
+                continue
+            values = np.array([[c[x] for x in steps] for c in curves])
+            seeds = f" ({len(indices)} seeds)" if len(indices) > 1 else ""
+            (line,) = ax.plot(steps, values.mean(axis=0), "o-", markersize=3, label=label + seeds)
+            if len(indices) > 1:
+                ax.fill_between(steps, values.min(axis=0), values.max(axis=0),
+                                color=line.get_color(), alpha=0.2)  # fmt: skip
 
 
 def _parse_lock(text: str) -> dict:
@@ -220,26 +262,30 @@ class Progress:
         self.tty = self.stream.isatty()
         self.every_s = every_s
         self.last_print = -math.inf
-        self.eval_return: float | None = None
+        self.eval_text = "-"
 
     def update(self, steps: int, steps_per_s: float, updates_per_s: float, elapsed: float,
-               eval_return: float | None = None) -> None:  # fmt: skip
-        if eval_return is not None:
-            self.eval_return = eval_return
+               eval_returns: list[float] | None = None) -> None:  # fmt: skip
+        """``eval_returns``: each member's last eval return (one for an ordinary run)."""
+        if eval_returns:
+            if len(eval_returns) == 1:
+                self.eval_text = f"{eval_returns[0]:,.1f}"
+            else:
+                best, median, worst = max(eval_returns), median_of(eval_returns), min(eval_returns)
+                self.eval_text = f"best {best:,.1f} / median {median:,.1f} / worst {worst:,.1f}"
         remaining = max(self.total - steps, 0) / steps_per_s if steps_per_s > 0 else math.inf
         line = (
             f"[{self.label}] {_si(steps)}/{_si(self.total)} steps "
             f"({100 * steps / max(self.total, 1):.0f}%) | {_si(steps_per_s)} env-steps/s | "
-            f"{_si(updates_per_s)} updates/s | eval "
-            f"{'-' if self.eval_return is None else f'{self.eval_return:,.1f}'} | "
+            f"{_si(updates_per_s)} updates/s | eval {self.eval_text} | "
             f"elapsed {_duration(elapsed)} | ETA {_duration(remaining)}"
         )
         now = time.monotonic()
         if self.tty:
             self.stream.write("\r\x1b[2K" + line)
-            if eval_return is not None:
+            if eval_returns:
                 self.stream.write("\n")
-        elif eval_return is not None or now - self.last_print >= self.every_s:
+        elif eval_returns or now - self.last_print >= self.every_s:
             self.stream.write(line + "\n")
             self.last_print = now
         self.stream.flush()
@@ -247,6 +293,12 @@ class Progress:
     def message(self, text: str) -> None:
         self.stream.write(("\r\x1b[2K" if self.tty else "") + text + "\n")
         self.stream.flush()
+
+
+def median_of(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _si(x: float) -> str:
@@ -268,10 +320,14 @@ def _duration(seconds: float) -> str:
 class WandbLog:
     """Weights & Biases logging, off unless ``--wandb``. Without ``WANDB_MODE`` a run is
     offline (nothing leaves the machine; ``wandb sync`` uploads it later), except under
-    ``wandb agent`` (``WANDB_SWEEP_ID`` set), whose sweep needs the server."""
+    ``wandb agent`` (``WANDB_SWEEP_ID`` set), whose sweep needs the server.
 
-    def __init__(self, run):
-        self.run = run
+    A population logs each member as its own wandb run, grouped under the population's
+    name; under a sweep agent the one run the agent started logs the population's summary
+    (``eval/return_mean`` is the mean over the seeds of the sampled setting)."""
+
+    def __init__(self, runs: list):
+        self.runs = runs
 
     @classmethod
     def start(cls, config: Config) -> tuple[WandbLog, Config]:
@@ -281,32 +337,49 @@ class WandbLog:
 
         import wandb
 
+        sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
         mode = None
         if "WANDB_MODE" not in os.environ:
-            mode = "online" if os.environ.get("WANDB_SWEEP_ID") else "offline"
+            mode = "online" if sweep else "offline"
         root = Path(config.run_dir or "runs")
         root.mkdir(parents=True, exist_ok=True)
-        run = wandb.init(
-            project=config.wandb_project,
-            entity=config.wandb_entity,
-            config=config.to_dict(),
-            dir=str(root),
-            mode=mode,
-        )
-        merged = Config.from_dict({**config.to_dict(), **dict(run.config)})
-        run.config.update(merged.to_dict(), allow_val_change=True)
-        return cls(run), merged
+        common = dict(project=config.wandb_project, entity=config.wandb_entity,
+                      dir=str(root), mode=mode)  # fmt: skip
+        members = config.population_size
+        if members == 1 or sweep:
+            run = wandb.init(config=config.to_dict(), **common)
+            merged = Config.from_dict({**config.to_dict(), **dict(run.config)})
+            run.config.update(merged.to_dict(), allow_val_change=True)
+            return cls([run]), merged
+        group = Path(config.run_dir).name if config.run_dir else default_run_dir(config).name
+        runs = [
+            wandb.init(
+                config={**config.member(k).to_dict(), "member": k, "population": group},
+                group=group,
+                name=f"{group}-m{k}",
+                reinit="create_new",
+                **common,
+            )
+            for k in range(members)
+        ]
+        return cls(runs), config
 
     def attach(self, run_dir: RunDir) -> None:
-        self.run.summary["run_dir"] = str(run_dir.path)
+        for run in self.runs:
+            run.summary["run_dir"] = str(run_dir.path)
 
-    def log(self, row: dict) -> None:
-        self.run.log({k: v for k, v in row.items() if k != "chunk"}, step=row["env_steps"])
+    def log(self, summary: dict, member_rows: list[dict]) -> None:
+        """The run's row (one run) or each member's row to its own run."""
+        rows = [summary] if len(self.runs) == 1 else member_rows
+        for run, row in zip(self.runs, rows, strict=True):
+            run.log({k: v for k, v in row.items() if k != "chunk"}, step=row["env_steps"])
 
-    def log_video(self, path: Path) -> None:
+    def log_video(self, path: Path, member: int = 0) -> None:
         import wandb
 
-        self.run.log({"video": wandb.Video(str(path), format="mp4")})
+        run = self.runs[member if len(self.runs) > 1 else 0]
+        run.log({"video": wandb.Video(str(path), format="mp4")})
 
     def finish(self, exit_code: int) -> None:
-        self.run.finish(exit_code=exit_code)
+        for run in self.runs:
+            run.finish(exit_code=exit_code)

@@ -1,17 +1,21 @@
 """The fused SAC pipeline: acting, env stepping, replay and updates in one ``lax.scan``.
 
-Three levels, each short:
+A run is a population of P members (P = 1 is an ordinary run, through the same code):
+every leaf of the ``TrainState`` has a leading member axis, and each member has its own
+seed, parameters, optimizer states, temperature, normalizer, buffer, envs, keys and data
+hyperparameters (``HParams`` and the learning rates inside the optimizer states). Three
+levels, each short:
 
-* ``update(state, key)``: one SAC gradient update (v1 or v2) from a replayed batch;
-* ``train_step(state)``: act on all envs, step them, insert, then ``updates_per_step``
-  updates (after the warm-up);
+* ``update(state, key)``: one SAC gradient update (v1 or v2) of one member;
+* ``train_step(state)``: every member acts on all its envs, steps them and inserts
+  (``collect``, vmapped), then ``updates_per_step`` updates (vmapped) once the warm-up
+  has filled the buffers;
 * ``train_chunk = jit(scan(train_step))``: ``steps_per_chunk`` train steps without
   leaving the device. The host sees the ``TrainState`` only between chunks.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from typing import Any
@@ -46,8 +50,21 @@ warnings.filterwarnings("ignore", message="Some donated buffers were not usable"
 
 
 @struct.dataclass
+class HParams:
+    """A member's data hyperparameters, as arrays: changing them never recompiles. (The
+    learning rates live in the optimizer states, through ``optax.inject_hyperparams``.)"""
+
+    gamma: jax.Array
+    tau: jax.Array
+    reward_scale: jax.Array
+    target_entropy: jax.Array
+    init_alpha: jax.Array
+
+
+@struct.dataclass
 class TrainState:
-    """Everything that changes during training, carried through ``lax.scan``."""
+    """Everything that changes during training, carried through ``lax.scan``; in a run,
+    every leaf has a leading member axis."""
 
     actor: Params
     critic: Params
@@ -69,6 +86,11 @@ class TrainState:
     key: jax.Array
     env_steps: jax.Array
     updates: jax.Array
+    hparams: HParams
+
+
+LEARNING_RATES = (("actor_opt", "actor_lr"), ("critic_opt", "critic_lr"),
+                  ("value_opt", "critic_lr"), ("alpha_opt", "alpha_lr"))  # fmt: skip
 
 
 class Trainer:
@@ -90,12 +112,10 @@ class Trainer:
             critic=self.critic.apply,
             value=self.value.apply if self.value else None,
         )
-        self.actor_opt = optax.adam(c.actor_lr)
-        self.critic_opt = optax.adam(c.critic_lr)
-        self.alpha_opt = optax.adam(c.alpha_lr)
-        self.target_entropy = (
-            -float(self.action_size) if c.target_entropy is None else float(c.target_entropy)
-        )
+        # The learning rate is state (inject_hyperparams), set per member by ``set_data``.
+        adam = optax.inject_hyperparams(optax.adam)
+        self.actor_opt = self.critic_opt = self.alpha_opt = adam(learning_rate=3e-4)
+        self.members = [c.member(i) for i in range(c.population_size)]
         self._identity = config.compiled_identity()
 
     # Trainers with equal configs compile to the same programs: jit's cache (keyed on the
@@ -106,17 +126,58 @@ class Trainer:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Trainer) and self._identity == other._identity
 
-    def init(self, key: jax.Array) -> TrainState:
-        """A fresh TrainState: initial parameters, empty buffer, reset envs."""
-        return place(_jit_init(self, key))
+    @property
+    def population_size(self) -> int:
+        return len(self.members)
+
+    def data(self) -> tuple[HParams, dict[str, jax.Array]]:
+        """Each member's data hyperparameters and learning rates, stacked (host values)."""
+
+        def stack(values) -> jax.Array:
+            return jnp.asarray(np.array(values, np.float32))
+
+        default_entropy = -float(self.action_size)
+        hparams = HParams(
+            gamma=stack([m.gamma for m in self.members]),
+            tau=stack([m.tau for m in self.members]),
+            reward_scale=stack([m.reward_scale for m in self.members]),
+            target_entropy=stack(
+                [
+                    default_entropy if m.target_entropy is None else m.target_entropy
+                    for m in self.members
+                ]
+            ),
+            init_alpha=stack([m.init_alpha for m in self.members]),
+        )
+        lrs = {f: stack([getattr(m, f) for m in self.members]) for _, f in LEARNING_RATES}
+        return hparams, lrs
+
+    def init_args(self) -> tuple[jax.Array, HParams, dict[str, jax.Array]]:
+        """The arguments of a fresh population: each member's training key (its seed's
+        training branch, see ``run_keys``) and data."""
+        keys = jnp.stack([run_keys(m.seed)[0] for m in self.members])
+        return (keys, *self.data())
+
+    def init(self) -> TrainState:
+        """A fresh TrainState: initial parameters, empty buffers, reset envs."""
+        return place(_jit_init(self, *self.init_args()))
+
+    def set_data(self, state: TrainState) -> TrainState:
+        """``state`` with this config's data hyperparameters and learning rates (a resumed
+        run may change them)."""
+        hparams, lrs = self.data()
+        return place(state.replace(hparams=hparams, **_with_learning_rates(state, lrs)))
 
     def train_chunk(self, state: TrainState) -> tuple[TrainState, dict]:
-        """``steps_per_chunk`` train steps, compiled once; ``state`` is donated."""
+        """``steps_per_chunk`` train steps, compiled once; ``state`` is donated. Metrics
+        are stacked (train step, member)."""
         return _jit_train_chunk(self, state)
 
-    def evaluate(self, actor: Params, normalizer: obs_norm.Normalizer, key: jax.Array):
-        """Per-episode returns and lengths of ``eval_envs`` deterministic episodes."""
-        return _jit_evaluate(self, actor, normalizer, key)
+    def evaluate(self, state: TrainState, chunk: int) -> tuple[jax.Array, jax.Array]:
+        """Per-episode returns and lengths, (member, episode), of ``eval_envs``
+        deterministic episodes per member, each member on its seed's evaluation keys."""
+        keys = jnp.stack([jax.random.fold_in(run_keys(m.seed)[1], chunk) for m in self.members])
+        return _jit_evaluate(self, state.actor, state.normalizer, keys)
 
     @property
     def v1(self) -> bool:
@@ -124,7 +185,11 @@ class Trainer:
 
     # ---- state ----------------------------------------------------------------------------
 
-    def _init(self, key: jax.Array) -> TrainState:
+    def _init(self, keys: jax.Array, hparams: HParams, lrs: dict) -> TrainState:
+        state = jax.vmap(self._init_member)(keys, hparams)
+        return state.replace(**_with_learning_rates(state, lrs))
+
+    def _init_member(self, key: jax.Array, hparams: HParams) -> TrainState:
         c = self.config
         k_actor, k_critic, k_value, k_env, key = jax.random.split(key, 5)
         obs = jnp.zeros((1, self.obs_size))
@@ -142,7 +207,7 @@ class Trainer:
             critic_opt=self.critic_opt.init(critic),
             value_opt=self.critic_opt.init(value) if self.v1 else None,
             alpha_opt=None if self.v1 else self.alpha_opt.init(jnp.zeros(())),
-            log_alpha=jnp.asarray(0.0 if self.v1 else math.log(c.init_alpha), jnp.float32),
+            log_alpha=jnp.zeros((), jnp.float32) if self.v1 else jnp.log(hparams.init_alpha),
             normalizer=obs_norm.init(self.obs_size, c.normalize_obs),
             buffer=replay.init(c.buffer_size, self.obs_size, self.action_size),
             env_state=self.train_env.reset(k_env),
@@ -150,13 +215,15 @@ class Trainer:
             key=key,
             env_steps=jnp.zeros((), jnp.int32),
             updates=jnp.zeros((), jnp.int32),
+            hparams=hparams,
         )
 
     # ---- level 1: one SAC update ----------------------------------------------------------------
 
     def update(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
-        """One gradient update of every network from a uniformly replayed batch."""
-        c, nets = self.config, self.nets
+        """One gradient update of every network of one member from a uniformly replayed
+        batch."""
+        c, nets, hp = self.config, self.nets, state.hparams
         k_batch, k_critic, k_actor, k_value = jax.random.split(key, 4)
         batch = replay.sample(state.buffer, k_batch, c.batch_size)
         batch = batch.replace(
@@ -172,13 +239,13 @@ class Trainer:
             metrics |= m
             critic, critic_opt, m = gradient_step(
                 critic_loss_v1, state.critic, state.critic_opt, self.critic_opt,
-                state.target_value, batch, nets=nets, gamma=c.gamma, reward_scale=c.reward_scale,
+                state.target_value, batch, nets=nets, gamma=hp.gamma, reward_scale=hp.reward_scale,
             )  # fmt: skip
         else:
             critic, critic_opt, m = gradient_step(
                 critic_loss_v2, state.critic, state.critic_opt, self.critic_opt,
                 state.target_critic, state.actor, state.log_alpha, batch, k_critic,
-                nets=nets, gamma=c.gamma, reward_scale=c.reward_scale,
+                nets=nets, gamma=hp.gamma, reward_scale=hp.reward_scale,
             )  # fmt: skip
         metrics |= m
         actor, actor_opt, m = gradient_step(
@@ -198,24 +265,26 @@ class Trainer:
             return state.replace(
                 value=value,
                 value_opt=value_opt,
-                target_value=polyak(state.target_value, value, c.tau),
+                target_value=polyak(state.target_value, value, hp.tau),
             ), metrics
         log_alpha, alpha_opt, m = gradient_step(
             alpha_loss, state.log_alpha, state.alpha_opt, self.alpha_opt,
-            log_prob, target_entropy=self.target_entropy,
+            log_prob, target_entropy=hp.target_entropy,
         )  # fmt: skip
         metrics |= m
         return state.replace(
             log_alpha=log_alpha,
             alpha_opt=alpha_opt,
-            target_critic=polyak(state.target_critic, critic, c.tau),
+            target_critic=polyak(state.target_critic, critic, hp.tau),
         ), metrics
 
-    # ---- level 2: one step of every env, then the updates ----------------------------------------
+    # ---- level 2: one step of every env of every member, then the updates ---------------------
 
-    def train_step(self, state: TrainState, _: Any = None) -> tuple[TrainState, dict]:
+    def collect(self, state: TrainState) -> tuple[TrainState, dict]:
+        """One member acts on all its envs (uniform random actions during the warm-up),
+        steps them and inserts the transitions."""
         c = self.config
-        key, k_policy, k_random, k_update = jax.random.split(state.key, 4)
+        key, k_policy, k_random = jax.random.split(state.key, 3)
         obs = state.env_state.obs
         mean, log_std = self.actor.apply(state.actor, obs_norm.normalize(state.normalizer, obs))
         policy_action, _ = sample_action(mean, log_std, k_policy)
@@ -240,33 +309,35 @@ class Trainer:
             key=key,
             env_steps=state.env_steps + c.num_envs,
         )
-        if c.updates_per_step == 0:  # data collection only (throughput benchmarks)
-            metrics = {"updated": jnp.zeros((), jnp.float32)}
-        else:
-            # Updates start once the warm-up has filled the buffer (after a resume without
-            # a saved buffer they wait until it has refilled that far).
-            ready = state.buffer.size >= max(c.warmup_steps, c.batch_size)
-            state, metrics = jax.lax.cond(
-                ready,
-                self._updates,
-                self._no_updates,
-                state,
-                k_update,
-            )
-        metrics["episodes"] = jnp.sum(done)
-        metrics["episode_return_sum"] = jnp.sum(jnp.where(done, episode_return, 0.0))
-        metrics["reward"] = jnp.mean(env_state.reward)
-        return state, metrics
+        return state, {
+            "episodes": jnp.sum(done),
+            "episode_return_sum": jnp.sum(jnp.where(done, episode_return, 0.0)),
+            "reward": jnp.mean(env_state.reward),
+        }
 
-    def _updates(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
-        keys = jax.random.split(key, self.config.updates_per_step)
-        state, metrics = jax.lax.scan(self.update, state, keys)
+    def train_step(self, state: TrainState, _: Any = None) -> tuple[TrainState, dict]:
+        c = self.config
+        state, metrics = jax.vmap(self.collect)(state)
+        if c.updates_per_step == 0:  # data collection only (throughput benchmarks)
+            return state, {**metrics, "updated": jnp.zeros_like(metrics["reward"])}
+        # Updates start once the warm-up has filled the buffer (after a resume without a
+        # saved buffer they wait until it has refilled that far). Every member's buffer
+        # holds the same number of rows, so the condition is one scalar: a real branch.
+        ready = state.buffer.size[0] >= max(c.warmup_steps, c.batch_size)
+        updates = jax.vmap(self._updates)
+        state, update_metrics = jax.lax.cond(ready, updates, self._no_updates, state)
+        return state, {**metrics, **update_metrics}
+
+    def _updates(self, state: TrainState) -> tuple[TrainState, dict]:
+        key, k_update = jax.random.split(state.key)
+        keys = jax.random.split(k_update, self.config.updates_per_step)
+        state, metrics = jax.lax.scan(self.update, state.replace(key=key), keys)
         metrics = jax.tree.map(jnp.mean, metrics)
         metrics["updated"] = jnp.ones((), jnp.float32)
         return state, metrics
 
-    def _no_updates(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
-        shapes = jax.eval_shape(self._updates, state, key)[1]
+    def _no_updates(self, state: TrainState) -> tuple[TrainState, dict]:
+        shapes = jax.eval_shape(jax.vmap(self._updates), state)[1]
         return state, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     # ---- level 3: a compiled chunk ---------------------------------------------------------------
@@ -276,7 +347,10 @@ class Trainer:
 
     # ---- evaluation -------------------------------------------------------------------------
 
-    def _evaluate(self, actor: Params, normalizer: obs_norm.Normalizer, key: jax.Array):
+    def _evaluate(self, actor: Params, normalizer: obs_norm.Normalizer, keys: jax.Array):
+        return jax.vmap(self._evaluate_member)(actor, normalizer, keys)
+
+    def _evaluate_member(self, actor: Params, normalizer: obs_norm.Normalizer, key: jax.Array):
         """Full episodes on ``eval_envs`` fresh envs with the deterministic mean action.
         Returns per-episode returns and lengths."""
         state = self.eval_env.reset(key)
@@ -323,12 +397,15 @@ def check_memory(trainer: Trainer, refuse: bool = True) -> str:
     returns the estimate as a sentence."""
     config = trainer.config
     row = replay.row_bytes(trainer.obs_size, trainer.action_size)
-    need = config.buffer_size * row
+    members = trainer.population_size
+    need = members * config.buffer_size * row
     free, where = available_bytes()
-    estimate = (
-        f"the replay buffer needs {need / 2**30:.2f} GiB ({config.buffer_size:,} transitions "
-        f"x {row} bytes)"
-    )
+    sizes = f"{config.buffer_size:,} transitions x {row} bytes"
+    if members == 1:
+        estimate = f"the replay buffer needs {need / 2**30:.2f} GiB ({sizes})"
+    else:
+        estimate = f"the {members} members' replay buffers need {need / 2**30:.2f} GiB "
+        estimate += f"({members} x {sizes})"
     if free is None:
         return estimate
     estimate += f"; {where} has {free / 2**30:.2f} GiB free"
@@ -350,6 +427,22 @@ def available_bytes() -> tuple[int | None, str]:
         return None, "host memory"
 
 
+def _with_learning_rates(state: TrainState, lrs: dict[str, jax.Array]) -> dict:
+    """The optimizer states of ``state`` with their learning rates set to ``lrs``."""
+    out = {}
+    for opt_field, lr_field in LEARNING_RATES:
+        opt = getattr(state, opt_field)
+        if opt is not None:
+            rate = jnp.asarray(lrs[lr_field], opt.hyperparams["learning_rate"].dtype)
+            out[opt_field] = opt._replace(hyperparams={**opt.hyperparams, "learning_rate": rate})
+    return out
+
+
+def env_steps(state: TrainState) -> int:
+    """Env steps taken by each member (all members step alike)."""
+    return int(np.asarray(state.env_steps).reshape(-1)[0])
+
+
 def seed_key(seed: int) -> jax.Array:
     """The run's root key (raw uint32 data, which checkpoints store as a plain array)."""
     return jax.random.key_data(jax.random.key(seed))
@@ -363,8 +456,15 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return train_key, eval_key
 
 
+def chunk_summaries(metrics: dict) -> list[dict[str, float]]:
+    """Each member's chunk summary, from metrics stacked (train step, member)."""
+    host = {k: np.asarray(v) for k, v in metrics.items()}
+    members = next(iter(host.values())).shape[1]
+    return [chunk_summary({k: v[:, i] for k, v in host.items()}) for i in range(members)]
+
+
 def chunk_summary(metrics: dict) -> dict[str, float]:
-    """Reduce a chunk's stacked per-step metrics to host floats."""
+    """Reduce one member's stacked per-step metrics to host floats."""
     m = {k: np.asarray(v) for k, v in metrics.items()}
     updated = m.pop("updated")
     episodes, returns = m.pop("episodes"), m.pop("episode_return_sum")

@@ -42,9 +42,9 @@ from mjxsac.sac import (
     Trainer,
     TrainState,
     check_memory,
-    chunk_summary,
+    chunk_summaries,
     default_device,
-    run_keys,
+    env_steps,
 )
 
 
@@ -83,65 +83,73 @@ def train(
     checkpoint) resumes; otherwise a fresh state is made from the seed. ``stop`` (set by a
     signal) ends the run with a checkpoint after the running chunk."""
     c = trainer.config
+    members = trainer.population_size
     stop = StopRequest() if stop is None else stop
     total = c.num_chunks * c.env_steps_per_chunk
-    progress = progress or Progress(total, f"{c.env} {c.algo}")
+    label = f"{c.env} {c.algo}" + (f" x{members}" if members > 1 else "")
+    progress = progress or Progress(total, label)
     run.path.mkdir(parents=True, exist_ok=True)
+    if members > 1:
+        write(run.write_population, trainer.config, what="writing population.json")
     ckpt = Checkpoints(run.checkpoints, keep=c.keep_checkpoints)
-    train_key, eval_key = run_keys(c.seed)
-    state = trainer.init(train_key) if state is None else state
-    first_chunk = int(state.env_steps) // c.env_steps_per_chunk
+    state = trainer.init() if state is None else state
+    first_chunk = env_steps(state) // c.env_steps_per_chunk
     last_saved = ckpt.manager.latest_step()
     start = time.monotonic()
     progress.message(
-        f"run directory {run.path} | {c.num_envs} envs x {c.steps_per_chunk} steps per chunk,"
-        f" chunks {first_chunk + 1}..{c.num_chunks} | device {default_device()}"
+        f"run directory {run.path} | {members} member{'s' * (members > 1)} x {c.num_envs} "
+        f"envs x {c.steps_per_chunk} steps per chunk, chunks {first_chunk + 1}..{c.num_chunks}"
+        f" | device {default_device()}"
     )
     try:
         for chunk in range(first_chunk, c.num_chunks):
             t0 = time.monotonic()
             state, metrics = trainer.train_chunk(state)
-            row = chunk_summary(metrics)  # reading the metrics waits for the chunk
+            rows = chunk_summaries(metrics)  # reading the metrics waits for the chunk
             seconds = time.monotonic() - t0
             check_finite(metrics, state, chunk, c, last_saved)
             # A failed asynchronous save (e.g. a full disk) stops the run here.
             write(ckpt.check_for_errors, what="saving a checkpoint")
-            row = {
+            base = {
                 "chunk": chunk,
-                "env_steps": int(state.env_steps),
-                "updates": int(state.updates),
+                "env_steps": env_steps(state),
+                "updates": int(np.asarray(state.updates).reshape(-1)[0]),
                 "wall_s": round(time.monotonic() - start, 3),
                 "chunk_s": round(seconds, 3),
-                **row,
             }
+            rows = [{**base, **row} for row in rows]
             last = chunk + 1 == c.num_chunks
-            eval_return = None
+            eval_returns = None
             if (chunk + 1) % c.eval_every == 0 or last:
-                returns, lengths = trainer.evaluate(
-                    state.actor, state.normalizer, jax.random.fold_in(eval_key, chunk)
-                )
-                eval_return = float(np.mean(returns))
-                row |= {
-                    "eval/return_mean": eval_return,
-                    "eval/return_std": float(np.std(returns)),
-                    "eval/length_mean": float(np.mean(lengths)),
-                }
-            write(run.append_metrics, row, what="writing metrics.jsonl")
+                returns, lengths = (np.asarray(x) for x in trainer.evaluate(state, chunk))
+                eval_returns = [float(r) for r in returns.mean(axis=1)]
+                for row, member_returns, member_lengths in zip(rows, returns, lengths, strict=True):
+                    row |= {
+                        "eval/return_mean": float(member_returns.mean()),
+                        "eval/return_std": float(member_returns.std()),
+                        "eval/length_mean": float(member_lengths.mean()),
+                    }
+            summary = rows[0] if members == 1 else population_summary(base, rows)
+            write(run.append_metrics, summary, what="writing metrics.jsonl")
+            if members > 1:
+                for k, row in enumerate(rows):
+                    write(run.append_metrics, row, k, what=f"writing member {k}'s metrics")
             if wandb_log:
-                wandb_log.log(row)
-            if eval_return is not None:
-                write(run.plot, f"{c.env} {c.algo} seed {c.seed}", what="writing the plot")
+                wandb_log.log(summary, rows)
+            if eval_returns is not None:
+                title = f"{c.env} {c.algo}" + (f" seed {c.seed}" if members == 1 else "")
+                write(run.plot, title, trainer.config, what="writing the plot")
             stopping = bool(stop)  # read once: a later signal waits for the next chunk
             if (chunk + 1) % c.checkpoint_every == 0 or last or stopping:
                 last_saved = write(
-                    ckpt.save, state, c, c.save_buffer, eval_return, what="saving a checkpoint"
+                    ckpt.save, state, c, c.save_buffer, eval_returns, what="saving a checkpoint"
                 )
             progress.update(
-                row["env_steps"],
+                base["env_steps"],
                 c.env_steps_per_chunk / seconds,
                 c.updates_per_step * c.steps_per_chunk / seconds,
                 time.monotonic() - start,
-                eval_return,
+                eval_returns,
             )
             if stopping:
                 ckpt.wait()
@@ -157,8 +165,30 @@ def train(
     return state
 
 
+def population_summary(base: dict, rows: list[dict]) -> dict:
+    """The population's row of ``metrics.jsonl``: the mean over members of every metric
+    (``eval/return_mean`` is what sweeps maximize) and the best, median and worst member's
+    eval return."""
+    summary = dict(base)
+    keys = [k for k in rows[0] if k not in base]
+    for key in keys:
+        values = [r[key] for r in rows if key in r]
+        if len(values) == len(rows):
+            summary[key] = float(np.mean(values))
+    if "eval/return_mean" in rows[0]:
+        returns = [r["eval/return_mean"] for r in rows]
+        summary |= {
+            "eval/return_best": float(np.max(returns)),
+            "eval/return_median": float(np.median(returns)),
+            "eval/return_worst": float(np.min(returns)),
+            "eval/best_member": int(np.argmax(returns)),
+        }
+    return summary
+
+
 @jax.jit
 def _non_finite_parameters(state: TrainState) -> dict[str, jax.Array]:
+    """Per group of parameters, which members hold a NaN or infinity (member,)."""
     groups = {
         "actor parameters": state.actor,
         "critic parameters": state.critic,
@@ -166,31 +196,40 @@ def _non_finite_parameters(state: TrainState) -> dict[str, jax.Array]:
         "V parameters": state.value,
         "log_alpha": state.log_alpha,
     }
+
+    def bad(x: jax.Array) -> jax.Array:
+        return ~jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
+
     return {
-        name: jnp.logical_not(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])))
+        name: jnp.any(jnp.stack([bad(x) for x in leaves]), axis=0)
         for name, tree in groups.items()
         if (leaves := jax.tree.leaves(tree))
     }
 
 
 def check_finite(metrics: dict, state: TrainState, chunk: int, c: Config, saved) -> None:
-    """Stop with a message naming the quantity and the env step if anything went NaN/inf."""
+    """Stop with a message naming the quantity, the env step (and in a population the
+    member) if anything went NaN/inf. Metrics are stacked (train step, member)."""
     first_step = chunk * c.env_steps_per_chunk
     for name, values in metrics.items():
-        values = np.asarray(values)
+        values = np.asarray(values).reshape(np.shape(values)[0], -1)
         bad = ~np.isfinite(values)
         if bad.any():
-            step = first_step + (int(np.argmax(bad)) + 1) * c.num_envs
-            _raise_non_finite(name, step, saved)
+            step, member = np.unravel_index(int(np.argmax(bad)), bad.shape)
+            at = first_step + (int(step) + 1) * c.num_envs
+            _raise_non_finite(name, at, saved, int(member), values.shape[1])
     for name, bad in _non_finite_parameters(state).items():
-        if bool(bad):
-            _raise_non_finite(name, first_step + c.env_steps_per_chunk, saved)
+        bad = np.asarray(bad)
+        if bad.any():
+            at = first_step + c.env_steps_per_chunk
+            _raise_non_finite(name, at, saved, int(np.argmax(bad)), len(bad))
 
 
-def _raise_non_finite(name: str, step: int, saved) -> None:
+def _raise_non_finite(name: str, step: int, saved, member: int = 0, members: int = 1) -> None:
     kept = "no checkpoint was written yet" if saved is None else f"checkpoint {saved} is intact"
+    who = f" of member {member}" if members > 1 else ""
     raise NonFiniteError(
-        f"non-finite {name} at env step {step:,}: training stopped, nothing saved; {kept}"
+        f"non-finite {name}{who} at env step {step:,}: training stopped, nothing saved; {kept}"
     )
 
 
@@ -213,7 +252,10 @@ def parse_args(argv: list[str]) -> tuple[Config, Path | None, bool]:
     pre.add_argument("--resume")
     pre.add_argument("--dry-run", action="store_true")
     pre.add_argument("--debug", action="store_true")
+    pre.add_argument("--vary", action="append", default=[])
     known, rest = pre.parse_known_args(argv)
+    if known.vary:  # repeatable here; tyro takes the values after one flag
+        rest = [*rest, "--vary", *known.vary]
     if known.steps is not None:
         rest = [*rest, "--total-steps", str(known.steps)]
     if known.resume:
@@ -295,8 +337,8 @@ def main(argv: list[str] | None = None) -> None:
 def restore(run: RunDir, trainer: Trainer) -> TrainState:
     """The newest checkpoint that restores; damaged newer ones are named and set aside."""
     ckpt = Checkpoints(run.checkpoints, read_only=True, prog="mjxsac-train")
-    state = ckpt.restore(trainer)
-    step = int(state.env_steps)
+    state = trainer.set_data(ckpt.restore(trainer))  # this config's rates, gamma, ...
+    step = env_steps(state)
     for moved in ckpt.set_aside(newer_than=step):
         print(f"mjxsac-train: moved the unusable checkpoint to {moved}", file=sys.stderr)
     run.truncate_metrics(step)
@@ -317,9 +359,9 @@ def run_with_signals(trainer: Trainer, run: RunDir, state: TrainState | None,
         try:
             train(trainer, run, state, wandb_log=wandb_log, stop=stop)
             if wandb_log:
-                video = render_final_video(run)
+                video, member = render_final_video(run)
                 if video:
-                    wandb_log.log_video(video)
+                    wandb_log.log_video(video, member)
         except BaseException as e:
             outcome["error"] = e
 
@@ -360,14 +402,15 @@ def run_with_signals(trainer: Trainer, run: RunDir, state: TrainState | None,
     raise error
 
 
-def render_final_video(run: RunDir) -> Path | None:
-    """The final policy's video for wandb; a machine without a headless GL gets a
-    warning, not a failed run."""
+def render_final_video(run: RunDir) -> tuple[Path | None, int]:
+    """The final policy's video (the best member's in a population) for wandb; a machine
+    without a headless GL gets a warning, not a failed run."""
     try:
-        return render.render_run(run.path, run.path / "final.mp4", episodes=1)
+        member = render.load(run.path)[3]
+        return render.render_run(run.path, run.path / "final.mp4", member=member), member
     except Exception as e:  # rendering is a bonus: never lose the run over it
         print(f"mjxsac-train: no final video ({type(e).__name__}: {e})", file=sys.stderr)
-        return None
+        return None, 0
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ import envs
 from mjxsac import render
 from mjxsac import train as train_cli
 from mjxsac.checkpoint import CheckpointError, Checkpoints
+from mjxsac.config import Config
 from mjxsac.runlog import RunDir, RunDirError
-from mjxsac.sac import Trainer
+from mjxsac.sac import Trainer, env_steps
 
 pytestmark = pytest.mark.xdist_group("runs")
 
@@ -59,16 +60,18 @@ def trained(tmp_path_factory) -> Path:
 def test_checkpoint_contents(trained):
     ckpt = Checkpoints(trained / "checkpoints", read_only=True)
     assert ckpt.steps() == [2000, 4000, 6000]
+    last_eval = json.loads((trained / "metrics.jsonl").read_text().splitlines()[-1])[
+        "eval/return_mean"
+    ]
     assert ckpt.meta() == {
         "env_steps": 6000,
         "has_buffer": True,
-        "eval_return": json.loads((trained / "metrics.jsonl").read_text().splitlines()[-1])[
-            "eval/return_mean"
-        ],
+        "eval_return": last_eval,
+        "eval_returns": [last_eval],
     }
     assert ckpt.config().to_dict() == json.loads((trained / "config.json").read_text())
     state = final_state(trained)
-    assert int(state.env_steps) == 6000 and int(state.buffer.size) == 6000
+    assert env_steps(state) == 6000 and int(state.buffer.size[0]) == 6000
     assert np.isfinite(state.log_alpha)
 
 
@@ -140,7 +143,8 @@ def test_non_finite_values_stop_the_run_and_keep_the_last_checkpoint(trained, tm
 def test_check_finite_names_the_quantity_and_step():
     cfg = train_cli.Config(num_envs=4, steps_per_chunk=10)
     metrics = {"critic_loss": np.array([1.0, 2.0, np.inf, np.nan] + [0.0] * 6)}
-    state = Trainer(cfg).init(jax.random.key_data(jax.random.key(0)))
+    state = Trainer(cfg).init()
+    metrics = {k: v[:, None] for k, v in metrics.items()}  # (train step, member)
     with pytest.raises(train_cli.NonFiniteError) as info:
         train_cli.check_finite(metrics, state, chunk=2, c=cfg, saved=40)
     # chunk 2 starts at env step 80; the third train step ends at 80 + 3 * 4.
@@ -224,8 +228,12 @@ def sample(spec: dict, rng: np.random.Generator):
     raise AssertionError(f"sampler does not know {kind!r}: extend it with the sweep")
 
 
-@pytest.mark.parametrize("task", envs.NAMES)
-def test_sweep_runs_as_the_wandb_agent_starts_it(task, tmp_path, monkeypatch):
+SWEEP_CASES = [pytest.param(t, [], id=t) for t in envs.NAMES]
+SWEEP_CASES.append(pytest.param("Hopper", ["--seeds", "0-3"], id="Hopper-seeds"))
+
+
+@pytest.mark.parametrize("task, extra", SWEEP_CASES)
+def test_sweep_runs_as_the_wandb_agent_starts_it(task, extra, tmp_path, monkeypatch):
     """Load the sweep, sample it, and let wandb's own agent code build and start the
     command (values on the command line and in WANDB_SWEEP_PARAM_PATH); the run's
     config must hold the sampled values. ``--dry-run`` stops before training."""
@@ -240,7 +248,8 @@ def test_sweep_runs_as_the_wandb_agent_starts_it(task, tmp_path, monkeypatch):
     # command line by ${args_no_boolean_flags} and must arrive through run.config.
     params["critic_layer_norm"] = params["preset"] == "cpu"
     command = list(sweep["command"])
-    command.insert(command.index("${args_no_boolean_flags}"), "--dry-run")
+    for arg in ["--dry-run", *extra]:  # e.g. several seeds of the sampled setting
+        command.insert(command.index("${args_no_boolean_flags}"), arg)
     for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
                        "WANDB_SWEEP_ID": "test", "WANDB_RUN_ID": "", "WANDB_SWEEP_PARAM_PATH": "",
                        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -259,6 +268,8 @@ def test_sweep_runs_as_the_wandb_agent_starts_it(task, tmp_path, monkeypatch):
     for key, value in params.items():
         assert saved[key] == value, key
     assert saved["wandb"] is True
+    if extra:
+        assert saved["seeds"] == "0-3" and Config.from_dict(saved).population_size == 4
 
 
 def test_checkpoint_from_another_device_topology_restores_and_renders(tmp_path):
@@ -279,7 +290,7 @@ def test_checkpoint_from_another_device_topology_restores_and_renders(tmp_path):
     assert len(jax.devices()) == 1
     ckpt = Checkpoints(run_dir / "checkpoints", read_only=True)
     state = ckpt.restore(Trainer(ckpt.config()))
-    assert int(state.env_steps) == 2000
+    assert env_steps(state) == 2000
     assert state.actor["params"]["MLP_0"]["Dense_0"]["kernel"].devices() == {jax.devices()[0]}
     out = tmp_path / "v.mp4"
     render.main([str(run_dir), "--out", str(out), "--max-steps", "20", "--width", "64",
@@ -360,7 +371,8 @@ def test_best_checkpoint_survives_resumes(trained, tmp_path):
         manager = Checkpoints(tmp_path / "checkpoints", keep=1)
         for _ in range(2):
             step = next(steps)
-            manager.save(state.replace(env_steps=np.int32(step)), config, False, returns[step])
+            scores = None if returns[step] is None else [returns[step]]
+            manager.save(state.replace(env_steps=np.full(1, step, np.int32)), config, False, scores)
         manager.close()
     assert Checkpoints(tmp_path / "checkpoints", read_only=True).steps() == [2000, 6000]
 
@@ -382,7 +394,7 @@ def test_damaged_latest_checkpoint_is_skipped_with_a_notice(trained, tmp_path, k
     damage(run_dir / "checkpoints" / "6000", kind)
     ckpt = Checkpoints(run_dir / "checkpoints", read_only=True)
     state = ckpt.restore(Trainer(ckpt.config()))
-    assert int(state.env_steps) == 4000
+    assert env_steps(state) == 4000
     err = capsys.readouterr().err
     assert f"skipping checkpoint {run_dir / 'checkpoints' / '6000'}" in err
     assert "Traceback" not in err
@@ -398,7 +410,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint(trained, tmp_path, capsys):
     assert (run_dir / "checkpoints-unusable" / "6000" / "state").is_dir(), "set aside, kept"
     ckpt = Checkpoints(run_dir / "checkpoints", read_only=True)
     assert ckpt.steps() == [2000, 4000, 6000]
-    assert int(ckpt.restore(Trainer(ckpt.config())).env_steps) == 6000, "saved anew"
+    assert env_steps(ckpt.restore(Trainer(ckpt.config()))) == 6000, "saved anew"
     assert [r["env_steps"] for r in RunDir(run_dir).read_metrics()] == [2000, 4000, 6000]
 
 
@@ -474,7 +486,7 @@ def test_disk_full_stops_the_run_and_keeps_the_last_checkpoint(trained, tmp_path
         assert f"--resume {run_dir}" in message
         ckpt = Checkpoints(run_dir / "checkpoints", read_only=True)
         assert ckpt.steps() == [2000]
-        assert int(ckpt.restore(Trainer(ckpt.config())).env_steps) == 2000
+        assert env_steps(ckpt.restore(Trainer(ckpt.config()))) == 2000
         rows = RunDir(run_dir).read_metrics()
         assert len(rows) <= 3, "stopped at the first chunk boundary after the failed save"
     finally:

@@ -17,15 +17,16 @@ import pytest
 from mjxsac import presets
 from mjxsac import train as train_cli
 from mjxsac.config import Config
-from mjxsac.sac import Trainer, chunk_summary, run_keys, seed_key
+from mjxsac.sac import Trainer, chunk_summaries, env_steps, run_keys, seed_key
 
 # The `cpu` preset, shortened: 16 envs, 4 updates per step, 2,000 env steps per chunk.
 OVERRIDES = {"total_steps": 12_000, "warmup_steps": 1_000, "eval_every": 1}
 SOLVED = 900.0
-# SAC v1 at this budget depends on the seed (measured 2026-11-24 with today's key tree:
-# seed 0 peaked at 225 within 20,000 steps; seeds 1 and 2 reached 1,000 at 12,000 and
-# seed 2 held it through 20,000), so its learning test runs seed 2.
-LEARNING_SEED = {"sac-v2": 0, "sac-v1": 2}
+# SAC v1 at this budget depends on the seed (measured 2026-11-24 on this code: the single
+# run of seed 1 reached 1,000 at 12,000 env steps; a population of seeds 0-3 reached it
+# with seeds 1 and 2, while seeds 0 and 3 peaked near 200). Its pace is the recipe
+# issue's subject; this test runs seed 1 so that it checks that v1 can solve the task.
+LEARNING_SEED = {"sac-v2": 0, "sac-v1": 1}
 
 
 def config(algo: str, **extra) -> Config:
@@ -42,16 +43,16 @@ def cli_args(algo: str, run_dir, seed: int = 0) -> list[str]:
 
 @pytest.mark.xdist_group("sac-v2")
 def test_second_chunk_does_not_compile_and_seeds_decide(compile_count):
-    trainer = Trainer(config("sac-v2"))
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        state, _ = trainer.train_chunk(trainer.init(seed_key(seed)))
+        trainer = Trainer(config("sac-v2", seed=seed))
+        state, _ = trainer.train_chunk(trainer.init())
         before = compile_count()
         state, _ = trainer.train_chunk(state)
         jax.block_until_ready(state)
-        assert compile_count() == before, "a second chunk must not compile again"
+        assert compile_count() == before, "a second chunk (or another seed) must not compile"
         runs[name] = jax.tree.map(np.asarray, state.actor)
-        assert int(state.env_steps) == 2 * trainer.config.env_steps_per_chunk
+        assert env_steps(state) == 2 * trainer.config.env_steps_per_chunk
     same = jax.tree.map(np.array_equal, runs["a"], runs["b"])
     assert all(jax.tree.leaves(same)), "same seed, same device: same parameters"
     differ = jax.tree.map(lambda x, y: not np.allclose(x, y), runs["a"], runs["c"])
@@ -62,7 +63,9 @@ def test_trainers_with_equal_configs_share_compiled_programs(tmp_path):
     a = Trainer(config("sac-v2", run_dir=str(tmp_path / "a")))
     b = Trainer(config("sac-v2", run_dir=str(tmp_path / "b")))
     assert a == b and hash(a) == hash(b)
-    assert a != Trainer(config("sac-v2", gamma=0.98))
+    assert a == Trainer(config("sac-v2", gamma=0.98, seed=3)), "data fields: same program"
+    assert a != Trainer(config("sac-v2", batch_size=128))
+    assert a != Trainer(config("sac-v2", seeds="0-1")), "the population's size is a shape"
 
 
 @pytest.mark.parametrize(
@@ -88,11 +91,11 @@ def test_learns_inverted_pendulum_from_the_command_line(algo, tmp_path, capsys):
 def test_updates_off_collects_data_only():
     """``updates_per_step=0`` (the pipeline-overhead benchmark) steps and stores, no update."""
     trainer = Trainer(config("sac-v2", updates_per_step=0))
-    state, metrics = trainer.train_chunk(trainer.init(seed_key(0)))
+    state, metrics = trainer.train_chunk(trainer.init())
     steps = trainer.config.env_steps_per_chunk
-    assert int(state.env_steps) == steps and int(state.buffer.size) == steps
-    assert int(state.updates) == 0
-    assert not any(k.startswith("loss/") for k in chunk_summary(metrics))
+    assert env_steps(state) == steps and int(state.buffer.size[0]) == steps
+    assert int(state.updates[0]) == 0
+    assert not any(k.startswith("loss/") for k in chunk_summaries(metrics)[0])
 
 
 def descendants(key, generations: int = 3, width: int = 6) -> set[tuple[int, ...]]:
