@@ -118,6 +118,14 @@ class Trainer:
         """Per-episode returns and lengths of ``eval_envs`` deterministic episodes."""
         return _jit_evaluate(self, actor, normalizer, key)
 
+    # Ahead-of-time stages (jit's trace -> lower -> compile), for compiling in the
+    # background and for measuring each stage (launch/bench_compile.py).
+    def trace_train_chunk(self, state: TrainState) -> jax.stages.Traced:
+        return _jit_train_chunk.trace(self, state)
+
+    def trace_evaluate(self, actor: Params, normalizer: obs_norm.Normalizer, key: jax.Array):
+        return _jit_evaluate.trace(self, actor, normalizer, key)
+
     @property
     def v1(self) -> bool:
         return self.config.algo == "sac-v1"

@@ -5,6 +5,9 @@
     mjxsac-train --resume runs/<run> [--total-steps N]
     mjxsac-train ... --dry-run       # print the resolved config; compile nothing
     mjxsac-train ... --debug         # show tracebacks instead of one-line errors
+    mjxsac-train ... --compile-cache {default,off,PATH}
+                                     # JAX's persistent compilation cache (default:
+                                     # $XDG_CACHE_HOME/mjxsac/jax, else ~/.cache/mjxsac/jax)
 
 Presets (``mjxsac/presets.py``) supply the defaults for the task; fields given on the
 command line win. Without ``--preset`` a machine with an accelerator gets ``parallel``
@@ -27,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mjxsac import render
+from mjxsac import compile_cache, render
+from mjxsac.ahead import Ahead
 from mjxsac.checkpoint import Checkpoints, check_compatible
 from mjxsac.cli import (
     UserError,
@@ -93,6 +97,7 @@ def train(
     first_chunk = int(state.env_steps) // c.env_steps_per_chunk
     last_saved = ckpt.manager.latest_step()
     start = time.monotonic()
+    evaluate = None  # compiled in the background while the first chunk runs
     progress.message(
         f"run directory {run.path} | {c.num_envs} envs x {c.steps_per_chunk} steps per chunk,"
         f" chunks {first_chunk + 1}..{c.num_chunks} | device {default_device()}"
@@ -101,6 +106,8 @@ def train(
         for chunk in range(first_chunk, c.num_chunks):
             t0 = time.monotonic()
             state, metrics = trainer.train_chunk(state)
+            if evaluate is None:
+                evaluate = Ahead(trainer.trace_evaluate, state.actor, state.normalizer, eval_key)
             row = chunk_summary(metrics)  # reading the metrics waits for the chunk
             seconds = time.monotonic() - t0
             check_finite(metrics, state, chunk, c, last_saved)
@@ -117,7 +124,7 @@ def train(
             last = chunk + 1 == c.num_chunks
             eval_return = None
             if (chunk + 1) % c.eval_every == 0 or last:
-                returns, lengths = trainer.evaluate(
+                returns, lengths = evaluate(
                     state.actor, state.normalizer, jax.random.fold_in(eval_key, chunk)
                 )
                 eval_return = float(np.mean(returns))
@@ -252,6 +259,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with one_line_errors("mjxsac-train", debug_requested(argv)):
             try:
+                cache_setting, argv = compile_cache.option(argv)  # first: before compiling
+                cache_dir = compile_cache.configure_for("mjxsac-train", cache_setting)
+                tally = compile_cache.Tally()
                 config, resume, dry_run = parse_args(argv)
                 if not resume and config.run_dir:  # before wandb writes into it
                     RunDir(config.run_dir).refuse_if_holds_run()
@@ -281,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
             if jax.default_backend() == "cpu":
                 print("mjxsac-train: no accelerator found, running on the CPU", file=sys.stderr)
             code = run_with_signals(trainer, run, state, wandb_log, debug_requested(argv))
+            print(f"mjxsac-train: {tally.summary(cache_dir)}", file=sys.stderr)
     except SystemExit as e:
         code = e.code if e.code is not None else 0
     finally:
