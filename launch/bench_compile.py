@@ -16,7 +16,8 @@ are loaded, not compiled. The phases, in the order the training command runs the
   ahead-of-time stages (trace to a jaxpr, lower to StableHLO, compile or load it);
 * ``first_chunk``: running it (its updates start after ``warmup_steps``);
 * ``eval_trace``, ``eval_lower``, ``eval_compile``: evaluation, in a worker thread while
-  the first chunk runs, as the training command does (``--serial``: after it).
+  the first chunk runs where that can overlap (an accelerator, or several CPU cores), as
+  the training command does; after it on one CPU core or with ``--serial``.
 
 ``to_first_update`` is the wall time from process start to the first chunk's end;
 ``to_eval_ready`` adds what is left of evaluation's compilation. Each run also reports
@@ -56,7 +57,7 @@ def child(args) -> dict:
 
     from launch.bench_sac import make_config
     from mjxsac import compile_cache
-    from mjxsac.ahead import Ahead, abstract
+    from mjxsac.ahead import Ahead, abstract, helps
     from mjxsac.sac import Trainer, run_keys
 
     lap("imports")
@@ -78,7 +79,8 @@ def child(args) -> dict:
     eval_phases: dict[str, float] = {}
     evaluate = None
     eval_args = abstract(eval_args)  # the chunk donates the state
-    if not args.serial:
+    overlap = helps() and not args.serial
+    if overlap:
         evaluate = Ahead(trainer.trace_evaluate, *eval_args, phases=eval_phases)
     state, metrics = chunk(state)
     jax.block_until_ready((state, metrics))
@@ -92,7 +94,7 @@ def child(args) -> dict:
         "task": args.task,
         "seed": args.seed,
         "compile_cache": str(cache_dir) if cache_dir else "off",
-        "overlap": not args.serial,
+        "overlap": overlap,
         "seconds": {k: round(v, 2) for k, v in t.items()},
         "eval_seconds": {f"eval_{k}": round(v, 2) for k, v in eval_phases.items()},
         "to_first_update": round(to_first_update, 2),

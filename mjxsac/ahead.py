@@ -4,18 +4,34 @@ The first evaluation comes after ``eval_every`` chunks, but its program used to 
 compiled only then, while nothing else ran. ``Ahead`` traces, lowers and compiles it in a
 daemon thread as soon as its argument shapes are known, so the compilation overlaps the
 first chunk: on an accelerator the chunk runs on the device while the host compiles; on a
-CPU both share the cores. Calling the ``Ahead`` waits for the program, then runs it; a
-failure in the thread is raised there, in the caller's thread.
+CPU with several cores both share them. On a single CPU core the compilation could only
+take turns with the chunk, delaying the first update for nothing, so ``helps()`` says no
+there and the program compiles when first needed, as before. Calling an ``Ahead`` waits
+for the program, then runs it; a failure in the thread is raised there, in the caller's
+thread.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
+
+
+def helps() -> bool:
+    """Whether compiling in the background can overlap anything: an accelerator runs the
+    chunk while the host compiles, and several CPU cores can share the two."""
+    return jax.default_backend() != "cpu" or len(os.sched_getaffinity(0)) > 1
+
+
+def compile_ahead(trace: Callable[..., jax.stages.Traced], jitted: Callable, *args: Any):
+    """``Ahead(trace, *args)`` where compiling in the background helps, else ``jitted``
+    itself (compiled when first called)."""
+    return Ahead(trace, *args) if helps() else jitted
 
 
 def abstract(tree: Any) -> Any:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mjxsac import compile_cache, render
-from mjxsac.ahead import Ahead
+from mjxsac.ahead import compile_ahead
 from mjxsac.checkpoint import Checkpoints, check_compatible
 from mjxsac.cli import (
     UserError,
@@ -97,7 +97,7 @@ def train(
     first_chunk = int(state.env_steps) // c.env_steps_per_chunk
     last_saved = ckpt.manager.latest_step()
     start = time.monotonic()
-    evaluate = None  # compiled in the background while the first chunk runs
+    evaluate = None  # set at the first chunk
     progress.message(
         f"run directory {run.path} | {c.num_envs} envs x {c.steps_per_chunk} steps per chunk,"
         f" chunks {first_chunk + 1}..{c.num_chunks} | device {default_device()}"
@@ -106,8 +106,9 @@ def train(
         for chunk in range(first_chunk, c.num_chunks):
             t0 = time.monotonic()
             state, metrics = trainer.train_chunk(state)
-            if evaluate is None:
-                evaluate = Ahead(trainer.trace_evaluate, state.actor, state.normalizer, eval_key)
+            if evaluate is None:  # the chunk runs; compile evaluation meanwhile
+                args = (state.actor, state.normalizer, eval_key)
+                evaluate = compile_ahead(trainer.trace_evaluate, trainer.evaluate, *args)
             row = chunk_summary(metrics)  # reading the metrics waits for the chunk
             seconds = time.monotonic() - t0
             check_finite(metrics, state, chunk, c, last_saved)
