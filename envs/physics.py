@@ -62,11 +62,11 @@ class Physics:
         m = self.model
         if not self.faithful:
             return _same_dtypes(mjx.step(m, d), d)
-        after = _same_dtypes(self.forward(d), d)
         integrator = m.opt.integrator
         if integrator == mujoco.mjtIntegrator.mjINT_RK4:
-            after = self.rk4(after)
-        elif integrator == mujoco.mjtIntegrator.mjINT_EULER:
+            return _same_dtypes(self.rk4(d), d)
+        after = _same_dtypes(self.forward(d), d)
+        if integrator == mujoco.mjtIntegrator.mjINT_EULER:
             after = mjx.euler(m, after)
         elif integrator == mujoco.mjtIntegrator.mjINT_IMPLICITFAST:
             after = mjx.implicit(m, after)
@@ -100,32 +100,43 @@ class Physics:
         return mjx.sensor_acc(m, mjx.solve(m, d))
 
     def rk4(self, d: mjx.Data) -> mjx.Data:
-        """RK4 as C MuJoCo 4.0 runs it (correction 1). ``d`` has been through ``forward``.
+        """RK4 as C MuJoCo 4.0 runs it (correction 1), from ``d`` before ``forward``.
 
         Stage i starts at ``q0 (+) h a_i k_{i-1}``; ``k_i`` is the stage velocity, except
         that each rotational dof triple becomes ``Jr^-1(h a_i k_{i-1}) w_i``. The step ends
-        at ``q0 (+) h sum_j b_j k_j`` and ``v0 + h sum_j b_j qacc_j``. The three stages run
-        in a ``lax.scan``, which compiles one forward pass for them instead of three.
+        at ``q0 (+) h sum_j b_j k_j`` and ``v0 + h sum_j b_j qacc_j``. All four stages run
+        in a ``lax.scan``, which compiles one forward pass for them instead of two (one
+        for the first stage and one for the scan of the other three) or four. The first
+        stage (``a = 0``) starts exactly at ``d``: its position and velocity are selected,
+        not integrated by zero, and the sums start from zero, so the arithmetic is that of
+        a separate first forward pass.
         """
         m, h, d0 = self.model, self.model.opt.timestep, d
         integrate = functools.partial(mjx_forward._integrate_pos, dt=h)
 
-        def stage(carry, ab):
+        def stage(carry, abf):
             k, qacc, act_dot, vsum, asum, adsum, d = carry
-            a, b = ab
+            a, b, first = abf
             dq = a * k
-            qpos = mjx_scan.flat(m, integrate, "jqv", "q", m.jnt_type, d0.qpos, dq)
-            qvel = d0.qvel + a * h * qacc
-            act = d0.act + a * h * act_dot
-            d = d.replace(qpos=qpos, qvel=qvel, act=act, time=d0.time + a * h)
+            moved = mjx_scan.flat(m, integrate, "jqv", "q", m.jnt_type, d0.qpos, dq)
+            qpos = jnp.where(first, d0.qpos, moved)
+            qvel = jnp.where(first, d0.qvel, d0.qvel + a * h * qacc)
+            act = jnp.where(first, d0.act, d0.act + a * h * act_dot)
+            time = jnp.where(first, d0.time, d0.time + a * h)
+            d = d.replace(qpos=qpos, qvel=qvel, act=act, time=time)
             d = _same_dtypes(self.forward(d), d)
-            k = _lie_correct(self.rotation_dofs, qvel, h * dq)
-            vsum, asum, adsum = vsum + b * k, asum + b * d.qacc, adsum + b * d.act_dot
+            k = jnp.where(first, qvel, _lie_correct(self.rotation_dofs, qvel, h * dq))
+            vsum = jnp.where(first, b * k, vsum + b * k)
+            asum = jnp.where(first, b * d.qacc, asum + b * d.qacc)
+            adsum = jnp.where(first, b * d.act_dot, adsum + b * d.act_dot)
             return (k, d.qacc, d.act_dot, vsum, asum, adsum, d), None
 
-        b0 = RK4_B[0]
-        init = (d0.qvel, d0.qacc, d0.act_dot, b0 * d0.qvel, b0 * d0.qacc, b0 * d0.act_dot, d0)
-        tableau = (jnp.asarray(RK4_A, d0.qvel.dtype), jnp.asarray(RK4_B[1:], d0.qvel.dtype))
+        zero = jnp.zeros_like
+        init = (d0.qvel, zero(d0.qvel), zero(d0.act), zero(d0.qvel), zero(d0.qvel),
+                zero(d0.act), d0)  # fmt: skip
+        dtype = d0.qvel.dtype
+        tableau = (jnp.asarray([0.0, *RK4_A], dtype), jnp.asarray(RK4_B, dtype),
+                   jnp.asarray([True, False, False, False]))  # fmt: skip
         (_, _, _, vsum, asum, adsum, d), _ = jax.lax.scan(stage, init, tableau)
         d = d.replace(qpos=d0.qpos, qvel=d0.qvel, act=d0.act, time=d0.time)
         return mjx_forward._advance(m, d, adsum, asum, vsum)

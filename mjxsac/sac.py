@@ -176,8 +176,22 @@ class Trainer:
     def evaluate(self, state: TrainState, chunk: int) -> tuple[jax.Array, jax.Array]:
         """Per-episode returns and lengths, (member, episode), of ``eval_envs``
         deterministic episodes per member, each member on its seed's evaluation keys."""
-        keys = jnp.stack([jax.random.fold_in(run_keys(m.seed)[1], chunk) for m in self.members])
-        return _jit_evaluate(self, state.actor, state.normalizer, keys)
+        return self.run_evaluation(state.actor, state.normalizer, self.eval_keys(chunk))
+
+    def eval_keys(self, chunk: int) -> jax.Array:
+        """Each member's evaluation key of ``chunk`` (its seed's evaluation branch)."""
+        return jnp.stack([jax.random.fold_in(run_keys(m.seed)[1], chunk) for m in self.members])
+
+    def run_evaluation(self, actor: Params, normalizer: obs_norm.Normalizer, keys: jax.Array):
+        return _jit_evaluate(self, actor, normalizer, keys)
+
+    # Ahead-of-time stages (jit's trace -> lower -> compile), for compiling in the
+    # background and for measuring each stage (launch/bench_compile.py).
+    def trace_train_chunk(self, state: TrainState) -> jax.stages.Traced:
+        return _jit_train_chunk.trace(self, state)
+
+    def trace_evaluate(self, actor: Params, normalizer: obs_norm.Normalizer, keys: jax.Array):
+        return _jit_evaluate.trace(self, actor, normalizer, keys)
 
     @property
     def v1(self) -> bool:

@@ -5,6 +5,9 @@
     mjxsac-train --resume runs/<run> [--total-steps N]
     mjxsac-train ... --dry-run       # print the resolved config; compile nothing
     mjxsac-train ... --debug         # show tracebacks instead of one-line errors
+    mjxsac-train ... --compile-cache {default,off,PATH}
+                                     # JAX's persistent compilation cache (default:
+                                     # $XDG_CACHE_HOME/mjxsac/jax, else ~/.cache/mjxsac/jax)
 
 Presets (``mjxsac/presets.py``) supply the defaults for the task; fields given on the
 command line win. Without ``--preset`` a machine with an accelerator gets ``parallel``
@@ -27,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mjxsac import render
+from mjxsac import compile_cache, render
+from mjxsac.ahead import compile_ahead
 from mjxsac.checkpoint import Checkpoints, check_compatible
 from mjxsac.cli import (
     UserError,
@@ -96,6 +100,7 @@ def train(
     first_chunk = env_steps(state) // c.env_steps_per_chunk
     last_saved = ckpt.manager.latest_step()
     start = time.monotonic()
+    evaluate = None  # set at the first chunk
     progress.message(
         f"run directory {run.path} | {members} member{'s' * (members > 1)} x {c.num_envs} "
         f"envs x {c.steps_per_chunk} steps per chunk, chunks {first_chunk + 1}..{c.num_chunks}"
@@ -105,6 +110,9 @@ def train(
         for chunk in range(first_chunk, c.num_chunks):
             t0 = time.monotonic()
             state, metrics = trainer.train_chunk(state)
+            if evaluate is None:  # the chunk runs; compile evaluation meanwhile
+                args = (state.actor, state.normalizer, trainer.eval_keys(0))
+                evaluate = compile_ahead(trainer.trace_evaluate, trainer.run_evaluation, *args)
             rows = chunk_summaries(metrics)  # reading the metrics waits for the chunk
             seconds = time.monotonic() - t0
             check_finite(metrics, state, chunk, c, last_saved)
@@ -121,7 +129,10 @@ def train(
             last = chunk + 1 == c.num_chunks
             eval_returns = None
             if (chunk + 1) % c.eval_every == 0 or last:
-                returns, lengths = (np.asarray(x) for x in trainer.evaluate(state, chunk))
+                keys = trainer.eval_keys(chunk)
+                returns, lengths = (
+                    np.asarray(x) for x in evaluate(state.actor, state.normalizer, keys)
+                )
                 eval_returns = [float(r) for r in returns.mean(axis=1)]
                 for row, member_returns, member_lengths in zip(rows, returns, lengths, strict=True):
                     row |= {
@@ -294,6 +305,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with one_line_errors("mjxsac-train", debug_requested(argv)):
             try:
+                cache_setting, argv = compile_cache.option(argv)  # first: before compiling
+                cache_dir = compile_cache.configure_for("mjxsac-train", cache_setting)
+                tally = compile_cache.Tally()
                 config, resume, dry_run = parse_args(argv)
                 if not resume and config.run_dir:  # before wandb writes into it
                     RunDir(config.run_dir).refuse_if_holds_run()
@@ -323,6 +337,7 @@ def main(argv: list[str] | None = None) -> None:
             if jax.default_backend() == "cpu":
                 print("mjxsac-train: no accelerator found, running on the CPU", file=sys.stderr)
             code = run_with_signals(trainer, run, state, wandb_log, debug_requested(argv))
+            print(f"mjxsac-train: {tally.summary(cache_dir)}", file=sys.stderr)
     except SystemExit as e:
         code = e.code if e.code is not None else 0
     finally:

@@ -7,6 +7,10 @@ import os
 # MuJoCo picks its GL backend when first imported; tests render headless.
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("WANDB_SILENT", "true")
+# No persistent compilation cache unless a test asks for one (tests/test_compile_cache.py):
+# the other tests, and the processes they start, compile what they measure and write
+# nothing into the user's cache.
+os.environ["MJXSAC_COMPILE_CACHE"] = "off"
 
 import jax
 import pytest
@@ -21,5 +25,7 @@ jax.monitoring.register_event_duration_secs_listener(
 
 @pytest.fixture
 def compile_count():
-    """A callable returning how many XLA compilations this process has run so far."""
+    """A callable returning how many XLA compilations this process has run so far (the
+    event also fires for a program loaded from a persistent cache, which tests leave off
+    unless they ask for one)."""
     return lambda: len(COMPILES)

@@ -118,3 +118,23 @@ def test_evaluation_keys_are_their_own_branch():
     root = seed_key(0)
     legacy = [jax.random.fold_in(jax.random.fold_in(root, 1), chunk) for chunk in range(2)]
     assert {tuple(np.asarray(k).tolist()) for k in legacy} <= descendants(root)
+
+
+@pytest.mark.xdist_group("sac-v2")
+def test_evaluation_compiled_in_the_background_gives_the_same_returns(tmp_path, monkeypatch):
+    """Where overlap helps (forced here, whatever the cores), the loop compiles evaluation
+    in a worker thread during the first chunk; its returns equal jit's evaluation."""
+    from mjxsac import ahead
+    from mjxsac.runlog import RunDir
+
+    made = []
+    original = ahead.Ahead
+    monkeypatch.setattr(ahead, "helps", lambda: True)
+    monkeypatch.setattr(ahead, "Ahead", lambda *a, **k: made.append(original(*a, **k)) or made[-1])
+    c = dataclasses.replace(config("sac-v2"), total_steps=2_000, run_dir=str(tmp_path / "run"))
+    trainer = Trainer(c)
+    state = train_cli.train(trainer, RunDir(c.run_dir))
+    assert len(made) == 1 and made[0].result() is not None
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    returns, _ = trainer.evaluate(state, 0)
+    assert row["eval/return_mean"] == float(np.mean(returns))

@@ -1,0 +1,106 @@
+"""The persistent compilation cache (CPU): a second process with the same shapes and
+another seed compiles nothing; another shape or a change of the code compiles anew and
+trains; ``--compile-cache off`` writes no cache. Each run is a separate process (what a
+sweep agent, a resume or a rerun does), on InvertedPendulum with small networks; what was
+compiled and loaded comes from the command's own report (JAX's compile events and cache
+logging), never from timings."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.xdist_group("compile-cache")
+
+ROOT = Path(__file__).parent.parent
+SMALL = ["--env", "InvertedPendulum", "--preset", "cpu", "--hidden-sizes", "32", "32",
+         "--total-steps", "2000", "--warmup-steps", "500", "--eval-envs", "2"]  # fmt: skip
+SUMMARY = re.compile(r"compilation cache (.+): (\d+) programs loaded, (\d+) compiled")
+# A change of the code: the target networks move at twice the rate (a different program).
+PATCHED = (
+    "import sys; import mjxsac.sac as sac; polyak = sac.polyak;"
+    "sac.polyak = lambda target, online, tau: polyak(target, online, 2 * tau);"
+    "from mjxsac import train; train.main(sys.argv[1:])"
+)
+
+
+def run(home: Path, run_dir: Path, *extra: str, patched: bool = False) -> dict:
+    """One training process with ``home`` as its home and XDG cache base; returns what it
+    reported about the compilation cache."""
+    env = {k: v for k, v in os.environ.items() if k != "MJXSAC_COMPILE_CACHE"}
+    path = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env |= {"HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"), "JAX_PLATFORMS": "cpu",
+            "PYTHONPATH": path}  # fmt: skip
+    program = ["-c", PATCHED] if patched else ["-m", "mjxsac.train"]
+    argv = [sys.executable, *program, *SMALL, "--run-dir", str(run_dir), *extra]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["env_steps"] == 2000 and np.isfinite(rows[-1]["eval/return_mean"])
+    assert rows[-1]["updates"] > 0 and np.isfinite(rows[-1]["loss/critic_loss"])
+    match = SUMMARY.search(done.stderr)
+    if match is None:
+        return {"off": "compilation cache off" in done.stderr, "stderr": done.stderr}
+    return {"dir": Path(match[1]), "loaded": int(match[2]), "compiled": int(match[3])}
+
+
+def cache_files(home: Path) -> list[Path]:
+    """JAX's cache entries under ``home`` (other libraries keep caches there too)."""
+    return [p for p in home.rglob("*-cache") if p.is_file()]
+
+
+def test_second_process_loads_everything_and_changes_compile_anew(tmp_path):
+    home = tmp_path / "home"
+    first = run(home, tmp_path / "a", "--seed", "0")
+    assert first["dir"] == home / ".cache" / "mjxsac" / "jax", "the XDG default"
+    assert first["loaded"] == 0 and first["compiled"] > 0
+    entries = cache_files(first["dir"])
+    assert len(entries) >= first["compiled"]
+
+    # Same shapes, another seed: every program comes from the cache.
+    second = run(home, tmp_path / "b", "--seed", "1")
+    assert second["compiled"] == 0 and second["loaded"] == first["compiled"]
+
+    # Another batch size: the train chunk compiles anew (and trains, checked in run);
+    # evaluation and initialization, whose programs do not depend on it, are loaded.
+    other = run(home, tmp_path / "c", "--seed", "1", "--batch-size", "128")
+    assert other["compiled"] >= 1 and other["loaded"] >= 1
+
+    # A change of the code that changes a program is a miss, never the stale program.
+    patched = run(home, tmp_path / "d", "--seed", "1", patched=True)
+    assert patched["compiled"] >= 1 and patched["loaded"] >= 1
+    assert len(cache_files(first["dir"])) > len(entries)
+
+
+def test_compile_cache_off_writes_no_cache(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    report = run(home, tmp_path / "run", "--compile-cache", "off")
+    assert report.get("off"), report
+    assert cache_files(home) == [] and not (home / ".cache" / "mjxsac").exists()
+
+
+def test_option_and_directory(monkeypatch, tmp_path):
+    from mjxsac import compile_cache
+
+    assert compile_cache.option(["--seed", "1", "--compile-cache", "off", "--debug"]) == (
+        "off", ["--seed", "1", "--debug"])  # fmt: skip
+    assert compile_cache.option([f"--compile-cache={tmp_path}"]) == (str(tmp_path), [])
+    with pytest.raises(ValueError, match="needs a value"):
+        compile_cache.option(["--compile-cache"])
+    monkeypatch.delenv("MJXSAC_COMPILE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compile_cache.resolve() == tmp_path / "xdg" / "mjxsac" / "jax"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert compile_cache.resolve() == tmp_path / ".cache" / "mjxsac" / "jax"
+    monkeypatch.setenv("MJXSAC_COMPILE_CACHE", str(tmp_path / "env"))
+    assert compile_cache.resolve() == tmp_path / "env"
+    assert compile_cache.resolve("off") is None, "the option wins over the variable"
