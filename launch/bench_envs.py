@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     add_physics_arguments(parser)
     args = parser.parse_args(argv)
     options = physics_from_arguments(args)
-    print(f"devices: {jax.devices()} | options: {options or 'Gymnasium XML'}", flush=True)
+    print(f"devices: {jax.devices()} | options: {options or 'task defaults'}", flush=True)
     results = []
     for task in args.tasks:
         for n in args.num_envs:

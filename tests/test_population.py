@@ -104,7 +104,7 @@ def test_varied_values_and_seeds_do_not_recompile(compile_count):
     np.testing.assert_allclose(np.asarray(state.hparams.gamma), [0.95, 0.97])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": xdist may interleave other modules
 def population_run(tmp_path_factory) -> Path:
     """``--seeds 0-3`` on InvertedPendulum, 12,000 env steps, a checkpoint (with the
     buffers) every chunk."""

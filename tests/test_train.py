@@ -17,16 +17,12 @@ import pytest
 from mjxsac import presets
 from mjxsac import train as train_cli
 from mjxsac.config import Config
+from mjxsac.runlog import RunDir
 from mjxsac.sac import Trainer, chunk_summaries, env_steps, run_keys, seed_key
 
 # The `cpu` preset, shortened: 16 envs, 4 updates per step, 2,000 env steps per chunk.
 OVERRIDES = {"total_steps": 12_000, "warmup_steps": 1_000, "eval_every": 1}
 SOLVED = 900.0
-# SAC v1 at this budget depends on the seed (measured 2026-11-24 on this code: the single
-# run of seed 1 reached 1,000 at 12,000 env steps; a population of seeds 0-3 reached it
-# with seeds 1 and 2, while seeds 0 and 3 peaked near 200). Its pace is the recipe
-# issue's subject; this test runs seed 1 so that it checks that v1 can solve the task.
-LEARNING_SEED = {"sac-v2": 0, "sac-v1": 1}
 
 
 def config(algo: str, **extra) -> Config:
@@ -68,15 +64,12 @@ def test_trainers_with_equal_configs_share_compiled_programs(tmp_path):
     assert a != Trainer(config("sac-v2", seeds="0-1")), "the population's size is a shape"
 
 
-@pytest.mark.parametrize(
-    "algo", [pytest.param(a, marks=pytest.mark.xdist_group(a)) for a in ("sac-v2", "sac-v1")]
-)
-def test_learns_inverted_pendulum_from_the_command_line(algo, tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    seed = LEARNING_SEED[algo]
-    train_cli.main(cli_args(algo, run_dir, seed))
+@pytest.mark.xdist_group("sac-v2")
+def test_learns_inverted_pendulum_from_the_command_line(tmp_path, capsys):
+    algo, run_dir = "sac-v2", tmp_path / "run"
+    train_cli.main(cli_args(algo, run_dir))
     saved = json.loads((run_dir / "config.json").read_text())
-    assert saved == config(algo, run_dir=str(run_dir), seed=seed).to_dict()
+    assert saved == config(algo, run_dir=str(run_dir)).to_dict()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["chunk"] for r in rows] == list(range(len(rows)))
     assert rows[-1]["env_steps"] == 12_000
@@ -86,6 +79,22 @@ def test_learns_inverted_pendulum_from_the_command_line(algo, tmp_path, capsys):
     assert (run_dir / "learning_curve.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "env-steps/s" in out and "updates/s" in out and "ETA" in out
+
+
+@pytest.mark.xdist_group("sac-v1")
+def test_sac_v1_learns_inverted_pendulum(tmp_path):
+    """SAC v1 at this budget depends on the seed: measured 2026-11-24, populations of
+    seeds 0-3 solved the task (1,000) within 12,000 env steps with two seeds of four, the
+    others peaking between 120 and 480, and a single run's outcome flips with any change
+    of float rounding. (v1's pace is the recipe issue's subject.) So one population of
+    four seeds must solve it at least once, and every seed must learn (its best eval at
+    least five times its first, which is ~10)."""
+    run_dir = tmp_path / "v1"
+    train_cli.main([*cli_args("sac-v1", run_dir), "--seeds", "0-3"])
+    curves = [[r["eval/return_mean"] for r in RunDir(run_dir).read_metrics(k)] for k in range(4)]
+    assert all(len(c) == 6 for c in curves)
+    assert max(max(c) for c in curves) >= SOLVED, curves
+    assert all(max(c) >= 5 * c[0] for c in curves), curves
 
 
 def test_updates_off_collects_data_only():
