@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 
 import jax
 
+from launch.bench_sac import time_chunks
 from mjxsac import presets
 from mjxsac.config import Config, parse_scalar
 from mjxsac.sac import Trainer
@@ -41,17 +41,7 @@ def member_config(task: str, preset: str, sets: list[str]) -> Config:
 def measure(config: Config, size: int, chunks: int) -> dict:
     """First chunk (compile included) and the best of ``chunks`` later chunks."""
     trainer = Trainer(dataclasses.replace(config, seeds=f"0-{size - 1}"))
-    t0 = time.perf_counter()
-    state = trainer.init()
-    state, _ = trainer.train_chunk(state)
-    jax.block_until_ready(state)
-    first = time.perf_counter() - t0
-    best = float("inf")
-    for _ in range(chunks):
-        t0 = time.perf_counter()
-        state, _ = trainer.train_chunk(state)
-        jax.block_until_ready(state)
-        best = min(best, time.perf_counter() - t0)
+    first, best = time_chunks(trainer, chunks)
     steps = config.env_steps_per_chunk
     return {
         "members": size,

@@ -146,23 +146,29 @@ def cmd_target(args) -> dict:
     return out
 
 
+def time_chunks(trainer: Trainer, chunks: int) -> tuple[float, float]:
+    """Seconds of the first chunk (compilation included, from a fresh state) and the best
+    of ``chunks`` later chunks."""
+    t0 = time.perf_counter()
+    state, _ = trainer.train_chunk(trainer.init())
+    jax.block_until_ready(state)
+    first = time.perf_counter() - t0
+    best = float("inf")
+    for _ in range(chunks):
+        t0 = time.perf_counter()
+        state, _ = trainer.train_chunk(state)
+        jax.block_until_ready(state)
+        best = min(best, time.perf_counter() - t0)
+    return first, best
+
+
 def cmd_overhead(args) -> dict:
     """Env steps/s through ``train_chunk`` with updates switched off, against the raw
     wrapped env (time limit + auto-reset) in the same process."""
     sets = [*args.set, f"num_envs={args.num_envs}", "updates_per_step=0", "warmup_steps=0"]
     config = make_config(args.task, "sac-v2", args.preset, args.seeds[0], sets)
     trainer = Trainer(config)
-    state = trainer.init()
-    t0 = time.perf_counter()
-    state, _ = trainer.train_chunk(state)
-    jax.block_until_ready(state)
-    compile_and_first = time.perf_counter() - t0
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        state, _ = trainer.train_chunk(state)
-        jax.block_until_ready(state)
-        best = min(best, time.perf_counter() - t0)
+    compile_and_first, best = time_chunks(trainer, 3)
     loop = config.env_steps_per_chunk / best
     wrapped = envs.wrap(trainer.env, args.num_envs)
     raw = measure(
