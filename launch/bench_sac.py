@@ -188,7 +188,8 @@ def cmd_final(args) -> dict:
         for seed in args.seeds:
             config = make_config(args.task, algo, args.preset, seed, args.set)
             result = run_ours(config, None, float("inf"), args.eval_chunks)
-            policy = {"actor": result["state"].actor, "normalizer": result["state"].normalizer}
+            state = jax.tree.map(lambda x: x[0], result["state"])  # the one member
+            policy = {"actor": state.actor, "normalizer": state.normalizer}
             gym_returns = evaluate_in_gymnasium(result["trainer"], policy, 10, seed=1000)
             final = result["curve"][-1]
             rows.append({"algo": algo, "seed": seed, "env_steps": final["env_steps"],

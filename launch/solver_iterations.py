@@ -155,7 +155,7 @@ def policy_actions(checkpoint: str) -> tuple[Callable, str]:
     from mjxsac.networks import deterministic_action
     from mjxsac.render import load
 
-    trainer, policy, step = load(checkpoint)
+    trainer, policy, step, _member = load(checkpoint)  # the best member of a population
     env = trainer.env.unwrapped if hasattr(trainer.env, "unwrapped") else trainer.env
 
     def act(obs, key):
