@@ -187,6 +187,7 @@ def test_render_a_member_and_by_default_the_best(population_run, tmp_path, capsy
     ],
 )
 def test_bad_populations_are_refused_before_compiling(argv, message, compile_count, tmp_path):
+    Trainer(config())  # building the env runs (and compiles) eager ops once per process
     before = compile_count()
     with pytest.raises(SystemExit) as exit_info:
         train_cli.main([*CLI, *argv, "--run-dir", str(tmp_path / "bad")])
