@@ -33,7 +33,7 @@ DATA = frozenset(
      "target_entropy", "reward_scale"}
 )  # fmt: skip
 # Fields added after the first release: a saved config without them gets their defaults.
-ADDED_LATER = frozenset({"seeds", "vary"})
+ADDED_LATER = frozenset({"seeds", "vary", "log_std_clamp"})
 # Data fields a population may vary (``--vary``); the seed varies through ``seeds``.
 VARIABLE = DATA - {"seed"}
 
@@ -113,6 +113,11 @@ class Config:
     """Lower bound of the policy's log standard deviation."""
     log_std_max: float = 2.0
     """Upper bound of the policy's log standard deviation."""
+    log_std_clamp: Literal["smooth", "hard"] = "smooth"
+    """How the policy's log standard deviation is bounded: 'smooth' maps the network's
+    output through tanh onto [log_std_min, log_std_max] (gradients never vanish; an output
+    of 0 is the interval's midpoint); 'hard' clips it as the authors' code does (haarnoja/sac,
+    softlearning: [-20, 2]; an output of 0 is log std 0, and gradients vanish outside)."""
     normalize_obs: bool = True
     """Normalize observations with running mean/variance from the collected data."""
 

@@ -49,11 +49,14 @@ class Actor(nn.Module):
     activation: str = "relu"
     log_std_min: float = -5.0
     log_std_max: float = 2.0
+    log_std_clamp: str = "smooth"
 
     @nn.compact
     def __call__(self, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
         out = MLP(self.hidden_sizes, 2 * self.action_size, self.activation)(obs)
         mean, log_std = jnp.split(out, 2, axis=-1)
+        if self.log_std_clamp == "hard":  # the authors' clip; no gradient outside
+            return mean, jnp.clip(log_std, self.log_std_min, self.log_std_max)
         # A smooth clamp: gradients never vanish at the bounds, unlike clip.
         log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (
             jnp.tanh(log_std) + 1.0

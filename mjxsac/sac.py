@@ -104,7 +104,9 @@ class Trainer:
         self.eval_env = envs.VmapEnv(envs.TimeLimit(self.env, c.episode_length), c.eval_envs)
         self.obs_size, self.action_size = self.env.observation_size, self.env.action_size
         hidden = tuple(c.hidden_sizes)
-        self.actor = Actor(hidden, self.action_size, c.activation, c.log_std_min, c.log_std_max)
+        self.actor = Actor(
+            hidden, self.action_size, c.activation, c.log_std_min, c.log_std_max, c.log_std_clamp
+        )
         self.critic = DoubleQ(hidden, c.activation, c.critic_layer_norm)
         self.value = Value(hidden, c.activation, c.critic_layer_norm) if self.v1 else None
         self.nets = Nets(

@@ -220,3 +220,19 @@ def test_gradient_step_and_polyak():
     np.testing.assert_allclose(metrics["loss"], 4.0 + 25.0)
     out = losses.polyak({"w": jnp.asarray(1.0)}, {"w": jnp.asarray(3.0)}, 0.25)
     np.testing.assert_allclose(out["w"], 1.5)
+
+
+def test_log_std_clamps():
+    """'smooth' maps an output of 0 to the interval's midpoint and stays inside; 'hard' is
+    the authors' clip: an output of 0 is log std 0, extremes stop at the bounds."""
+    from mjxsac.networks import Actor
+
+    obs = jnp.array([[0.0, 0.0], [1e4, -1e4], [-1e4, 1e4]])
+    for clamp, at_zero in (("smooth", -9.0), ("hard", 0.0)):
+        actor = Actor((8,), 3, log_std_min=-20.0, log_std_max=2.0, log_std_clamp=clamp)
+        params = actor.init(jax.random.key(0), obs)
+        _, log_std = actor.apply(params, obs)
+        np.testing.assert_allclose(log_std[0], at_zero, atol=1e-6)  # zero input, zero bias
+        assert jnp.all(log_std >= -20.0) and jnp.all(log_std <= 2.0)
+        if clamp == "hard":  # huge outputs stop at the bounds
+            assert jnp.all((log_std[1:] == 2.0) | (log_std[1:] == -20.0))
