@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 from envs.base import Env, PhysicsOptions, State, scale_action
-from envs.wrappers import AutoReset, TimeLimit, VmapEnv, Wrapper, wrap
+from envs.wrappers import AutoReset, TimeLimit, VmapEnv, Wrapper, desynchronize, wrap
 
 _MODULES = {
     "InvertedPendulum": "envs.inverted_pendulum",
@@ -86,6 +86,7 @@ __all__ = [
     "VmapEnv",
     "Wrapper",
     "check_options",
+    "desynchronize",
     "env_class",
     "make",
     "scale_action",

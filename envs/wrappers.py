@@ -86,6 +86,14 @@ class VmapEnv(Wrapper):
         return jax.vmap(self.env.step)(state, action)
 
 
+def desynchronize(state: State, key: jax.Array, episode_length: int) -> State:
+    """A batch of fresh envs with their time-limit counters (``steps``) drawn uniformly
+    from [0, episode_length), so that their first episodes truncate on different steps
+    (the auto-reset starts every later episode at 0)."""
+    steps = jax.random.randint(key, state.steps.shape, 0, episode_length, state.steps.dtype)
+    return state.replace(steps=steps)
+
+
 def wrap(env: Env, num_envs: int, episode_length: int | None = None) -> VmapEnv:
     """The training stack: ``num_envs`` auto-resetting copies with a time limit."""
     return VmapEnv(AutoReset(TimeLimit(env, episode_length)), num_envs)

@@ -3,6 +3,10 @@
 No flattening, no rolling: ``insert`` writes rows at ``(index + arange(n)) % capacity``
 and ``sample`` draws uniformly from the rows written so far. The whole buffer is a pytree
 inside the ``TrainState`` and is donated to each compiled chunk.
+
+Each train step inserts one row per env, in env order, so the buffer is also each env's
+transitions in time order: the row after row ``p`` in env time is ``(p + num_envs) %
+capacity``. ``sample_n_step`` reads n-step windows along that stride (docs/DESIGN.md).
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ class ReplayBuffer:
     """Row the next insert writes first."""
     size: jax.Array
     """Rows holding data (grows to ``capacity``, then stays)."""
+    done: jax.Array | None = None
+    """Per row: its step ended the episode (terminated or truncated), so an n-step window
+    stops there. Stored only for n-step returns (``init(..., with_done=True)``)."""
 
     @property
     def capacity(self) -> int:
@@ -42,31 +49,42 @@ def transition_spec(obs_size: int, action_size: int) -> Transition:
     )
 
 
-def row_bytes(obs_size: int, action_size: int) -> int:
-    """Device bytes per stored transition."""
+def row_bytes(obs_size: int, action_size: int, with_done: bool = False) -> int:
+    """Device bytes per stored transition (with the episode-end flag of n-step returns)."""
     spec = transition_spec(obs_size, action_size)
-    return sum(x.dtype.itemsize * math.prod(x.shape) for x in jax.tree.leaves(spec))
+    fields = sum(x.dtype.itemsize * math.prod(x.shape) for x in jax.tree.leaves(spec))
+    return fields + (jnp.dtype(jnp.bool_).itemsize if with_done else 0)
 
 
-def init(capacity: int, obs_size: int, action_size: int) -> ReplayBuffer:
+def init(capacity: int, obs_size: int, action_size: int, with_done: bool = False) -> ReplayBuffer:
     spec = transition_spec(obs_size, action_size)
     data = jax.tree.map(lambda s: jnp.zeros((capacity, *s.shape), s.dtype), spec)
-    # Two distinct arrays: the buffer is donated, and one array cannot be donated twice.
-    return ReplayBuffer(data=data, index=jnp.zeros((), jnp.int32), size=jnp.zeros((), jnp.int32))
+    # Distinct arrays: the buffer is donated, and one array cannot be donated twice.
+    return ReplayBuffer(
+        data=data,
+        index=jnp.zeros((), jnp.int32),
+        size=jnp.zeros((), jnp.int32),
+        done=jnp.zeros((capacity,), jnp.bool_) if with_done else None,
+    )
 
 
-def insert(buffer: ReplayBuffer, rows: Transition) -> ReplayBuffer:
-    """Append a batch of rows (leading axis n <= capacity), overwriting the oldest."""
+def insert(buffer: ReplayBuffer, rows: Transition, done: jax.Array | None = None) -> ReplayBuffer:
+    """Append a batch of rows (leading axis n <= capacity), overwriting the oldest.
+    ``done`` (n,), whether each row's step ended its episode, is required exactly when the
+    buffer stores it."""
     n = rows.reward.shape[0]
     capacity = buffer.capacity
     if n > capacity:
         raise ValueError(f"cannot insert {n} rows into a buffer of {capacity}")
+    if (done is None) != (buffer.done is None):
+        raise ValueError("pass done exactly when the buffer stores it (n-step returns)")
     idx = (buffer.index + jnp.arange(n)) % capacity
     data = jax.tree.map(lambda column, new: column.at[idx].set(new), buffer.data, rows)
     return ReplayBuffer(
         data=data,
         index=(buffer.index + n) % capacity,
         size=jnp.minimum(buffer.size + n, capacity),
+        done=None if done is None else buffer.done.at[idx].set(done),
     )
 
 
@@ -74,3 +92,57 @@ def sample(buffer: ReplayBuffer, key: jax.Array, batch_size: int) -> Transition:
     """``batch_size`` rows drawn uniformly (with replacement) from the filled rows."""
     idx = jax.random.randint(key, (batch_size,), 0, jnp.maximum(buffer.size, 1))
     return jax.tree.map(lambda column: column[idx], buffer.data)
+
+
+def sample_n_step(
+    buffer: ReplayBuffer,
+    key: jax.Array,
+    batch_size: int,
+    n: int,
+    stride: int,
+    gamma: jax.Array,
+) -> tuple[Transition, jax.Array]:
+    """``batch_size`` n-step windows (see ``windows``) whose first rows are drawn as
+    ``sample`` draws rows: with the same key, the same rows."""
+    start = jax.random.randint(key, (batch_size,), 0, jnp.maximum(buffer.size, 1))
+    return windows(buffer, start, n, stride, gamma)
+
+
+def windows(
+    buffer: ReplayBuffer, start: jax.Array, n: int, stride: int, gamma: jax.Array
+) -> tuple[Transition, jax.Array]:
+    """The n-step windows that begin at rows ``start``, and their lengths k.
+
+    ``stride`` is the number of rows one insert writes (``num_envs``): the window of row
+    ``p`` is rows ``p, p + stride, ...`` (mod capacity), the same env's next steps. A
+    window holds k <= n rows: it ends after the first row whose step ended the episode
+    (``done``), and at the newest row written, so it never runs past the write index into
+    older rows. ``reward`` is ``sum_{i<k} gamma^i r_i``; ``next_obs`` and ``terminated``
+    are the last row's (for a truncation, the final observation: the target bootstraps);
+    the target discounts the bootstrap by ``gamma ** k``. Costs 2n gathers of a scalar per
+    window plus one per field, whatever the capacity.
+    """
+    if buffer.done is None:
+        raise ValueError("n-step windows need a buffer that stores done (with_done=True)")
+    capacity = buffer.capacity
+    newer = (buffer.index - 1 - start) % capacity  # rows written after the first one
+    reward = jnp.zeros(start.shape, buffer.data.reward.dtype)
+    discount = jnp.ones_like(reward)
+    last, k = start, jnp.ones(start.shape, jnp.int32)
+    ended = jnp.zeros(start.shape, jnp.bool_)
+    for i in range(n):
+        row = (start + i * stride) % capacity
+        inside = ~ended & (i * stride <= newer)
+        reward = reward + jnp.where(inside, discount * buffer.data.reward[row], 0.0)
+        discount = discount * gamma
+        last = jnp.where(inside, row, last)
+        k = jnp.where(inside, i + 1, k)
+        ended = ended | ~inside | buffer.done[row]
+    batch = Transition(
+        obs=buffer.data.obs[start],
+        action=buffer.data.action[start],
+        reward=reward,
+        next_obs=buffer.data.next_obs[last],
+        terminated=buffer.data.terminated[last],
+    )
+    return batch, k

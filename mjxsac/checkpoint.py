@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from mjxsac import buffer as replay
 from mjxsac.cli import drop_closed_loop_noise
 from mjxsac.config import DATA, HOST_ONLY, Config
 from mjxsac.sac import Trainer, TrainState, default_device, env_steps, place
@@ -203,11 +202,8 @@ class Checkpoints:
             target = target.replace(buffer=None)
         state = fill_empty(self._restore_item(step, "state", drop_empty(target)), target)
         if not has_buffer:
-            c = trainer.config
             members = jnp.arange(trainer.population_size)
-            empty = jax.vmap(lambda _: replay.init(c.buffer_size, trainer.obs_size,
-                                                   trainer.action_size))(members)  # fmt: skip
-            state = state.replace(buffer=empty)
+            state = state.replace(buffer=jax.vmap(lambda _: trainer.empty_buffer())(members))
         if env_steps(state) != step:
             raise CheckpointError(f"its state is at env step {env_steps(state)}, not {step}")
         return place(state)

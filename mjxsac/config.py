@@ -33,7 +33,9 @@ DATA = frozenset(
      "target_entropy", "reward_scale"}
 )  # fmt: skip
 # Fields added after the first release: a saved config without them gets their defaults.
-ADDED_LATER = frozenset({"seeds", "vary", "log_std_clamp"})
+ADDED_LATER = frozenset(
+    {"seeds", "vary", "log_std_clamp", "learning_starts", "n_step", "desync_episodes"}
+)
 # Data fields a population may vary (``--vary``); the seed varies through ``seeds``.
 VARIABLE = DATA - {"seed"}
 
@@ -73,8 +75,8 @@ class Config:
     total_steps: int = 20_000
     """Environment steps to train for (rounded up to whole chunks)."""
     warmup_steps: int = 2_000
-    """Environment steps with uniform random actions before the policy acts and SAC
-    updates start."""
+    """Environment steps with uniform random actions before the policy acts; SAC updates
+    start then too, unless ``learning_starts`` says otherwise."""
     updates_per_step: int = 4
     """SAC gradient updates per train step (one train step = one step of every env);
     0 collects data only (for throughput measurements)."""
@@ -90,6 +92,22 @@ class Config:
     """LayerNorm after each hidden layer of the critics (and V network)."""
     steps_per_chunk: int = 100
     """Train steps fused into one compiled ``lax.scan``; the host logs between chunks."""
+
+    # ---- replay and episodes ---------------------------------------------------------------
+    learning_starts: int | None = None
+    """Env steps (transitions in the buffer) before SAC updates start, apart from the
+    random-action warm-up (``warmup_steps``), as in the authors' code (1,000 random steps,
+    updates from 1,000 stored samples). At least batch_size and at most buffer_size. None:
+    max(warmup_steps, batch_size)."""
+    n_step: int = 1
+    """Return horizon of the critic targets: the discounted sum of up to n rewards of one
+    env, then gamma^k times the bootstrap value. A window stops at a termination (no
+    bootstrap), at a truncation (bootstrap from the final observation), and at the newest
+    stored step; it never crosses an auto-reset. 1: one-step targets."""
+    desync_episodes: bool = False
+    """Start each training env's time-limit counter at a random step in [0,
+    episode_length), so that the envs do not all truncate on the same step (only each env's
+    first episode is shortened). Evaluation envs always run full episodes."""
 
     # ---- SAC hyperparameters -------------------------------------------------------
     gamma: float = 0.99
@@ -157,6 +175,13 @@ class Config:
     def warmup_train_steps(self) -> int:
         return math.ceil(self.warmup_steps / self.num_envs)
 
+    @property
+    def update_start(self) -> int:
+        """Transitions the buffer must hold before updates start (``learning_starts``)."""
+        if self.learning_starts is None:
+            return max(self.warmup_steps, self.batch_size)
+        return self.learning_starts
+
     def validate(self) -> Config:
         """Refuse impossible settings with a message naming the field."""
         import envs
@@ -170,7 +195,7 @@ class Config:
             raise ValueError(f"unknown algo {self.algo!r}; valid: {', '.join(ALGOS)}")
         positive = (
             "num_envs total_steps batch_size buffer_size steps_per_chunk "
-            "eval_every eval_envs episode_length checkpoint_every keep_checkpoints"
+            "eval_every eval_envs episode_length checkpoint_every keep_checkpoints n_step"
         )
         for name in positive.split():
             value = getattr(self, name)
@@ -198,6 +223,12 @@ class Config:
         if self.batch_size > self.buffer_size:
             raise ValueError(
                 f"batch_size ({self.batch_size}) exceeds the replay capacity ({self.buffer_size})"
+            )
+        starts = self.learning_starts
+        if starts is not None and not self.batch_size <= starts <= self.buffer_size:
+            raise ValueError(
+                f"learning_starts ({starts}) must be between batch_size ({self.batch_size}) "
+                f"and buffer_size ({self.buffer_size})"
             )
         envs.check_options(self.env, self.env_kwargs())
         members = self.members()

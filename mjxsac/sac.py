@@ -8,8 +8,8 @@ levels, each short:
 
 * ``update(state, key)``: one SAC gradient update (v1 or v2) of one member;
 * ``train_step(state)``: every member acts on all its envs, steps them and inserts
-  (``collect``, vmapped), then ``updates_per_step`` updates (vmapped) once the warm-up
-  has filled the buffers;
+  (``collect``, vmapped), then ``updates_per_step`` updates (vmapped) once the buffers
+  hold ``learning_starts`` transitions (by default the warm-up's);
 * ``train_chunk = jit(scan(train_step))``: ``steps_per_chunk`` train steps without
   leaving the device. The host sees the ``TrainState`` only between chunks.
 """
@@ -208,6 +208,10 @@ class Trainer:
     def _init_member(self, key: jax.Array, hparams: HParams) -> TrainState:
         c = self.config
         k_actor, k_critic, k_value, k_env, key = jax.random.split(key, 5)
+        env_state = self.train_env.reset(k_env)
+        if c.desync_episodes:
+            key, k_desync = jax.random.split(key)
+            env_state = envs.desynchronize(env_state, k_desync, c.episode_length)
         obs = jnp.zeros((1, self.obs_size))
         act = jnp.zeros((1, self.action_size))
         actor = self.actor.init(k_actor, obs)
@@ -225,14 +229,19 @@ class Trainer:
             alpha_opt=None if self.v1 else self.alpha_opt.init(jnp.zeros(())),
             log_alpha=jnp.zeros((), jnp.float32) if self.v1 else jnp.log(hparams.init_alpha),
             normalizer=obs_norm.init(self.obs_size, c.normalize_obs),
-            buffer=replay.init(c.buffer_size, self.obs_size, self.action_size),
-            env_state=self.train_env.reset(k_env),
+            buffer=self.empty_buffer(),
+            env_state=env_state,
             episode_return=jnp.zeros((c.num_envs,), jnp.float32),
             key=key,
             env_steps=jnp.zeros((), jnp.int32),
             updates=jnp.zeros((), jnp.int32),
             hparams=hparams,
         )
+
+    def empty_buffer(self) -> replay.ReplayBuffer:
+        """One member's empty replay buffer (with episode ends for n-step returns)."""
+        c = self.config
+        return replay.init(c.buffer_size, self.obs_size, self.action_size, c.n_step > 1)
 
     # ---- level 1: one SAC update ----------------------------------------------------------------
 
@@ -241,7 +250,14 @@ class Trainer:
         batch."""
         c, nets, hp = self.config, self.nets, state.hparams
         k_batch, k_critic, k_actor, k_value = jax.random.split(key, 4)
-        batch = replay.sample(state.buffer, k_batch, c.batch_size)
+        gamma = hp.gamma
+        if c.n_step == 1:
+            batch = replay.sample(state.buffer, k_batch, c.batch_size)
+        else:  # n-step windows: the bootstrap is discounted by gamma ** k, per row
+            batch, k = replay.sample_n_step(
+                state.buffer, k_batch, c.batch_size, c.n_step, c.num_envs, hp.gamma
+            )
+            gamma = hp.gamma**k
         batch = batch.replace(
             obs=obs_norm.normalize(state.normalizer, batch.obs),
             next_obs=obs_norm.normalize(state.normalizer, batch.next_obs),
@@ -255,13 +271,13 @@ class Trainer:
             metrics |= m
             critic, critic_opt, m = gradient_step(
                 critic_loss_v1, state.critic, state.critic_opt, self.critic_opt,
-                state.target_value, batch, nets=nets, gamma=hp.gamma, reward_scale=hp.reward_scale,
+                state.target_value, batch, nets=nets, gamma=gamma, reward_scale=hp.reward_scale,
             )  # fmt: skip
         else:
             critic, critic_opt, m = gradient_step(
                 critic_loss_v2, state.critic, state.critic_opt, self.critic_opt,
                 state.target_critic, state.actor, state.log_alpha, batch, k_critic,
-                nets=nets, gamma=hp.gamma, reward_scale=hp.reward_scale,
+                nets=nets, gamma=gamma, reward_scale=hp.reward_scale,
             )  # fmt: skip
         metrics |= m
         actor, actor_opt, m = gradient_step(
@@ -318,7 +334,7 @@ class Trainer:
         done = env_state.terminated | env_state.truncated
         episode_return = state.episode_return + env_state.reward
         state = state.replace(
-            buffer=replay.insert(state.buffer, rows),
+            buffer=replay.insert(state.buffer, rows, done if c.n_step > 1 else None),
             normalizer=obs_norm.update(state.normalizer, obs),
             env_state=env_state,
             episode_return=jnp.where(done, 0.0, episode_return),
@@ -336,10 +352,10 @@ class Trainer:
         state, metrics = jax.vmap(self.collect)(state)
         if c.updates_per_step == 0:  # data collection only (throughput benchmarks)
             return state, {**metrics, "updated": jnp.zeros_like(metrics["reward"])}
-        # Updates start once the warm-up has filled the buffer (after a resume without a
-        # saved buffer they wait until it has refilled that far). Every member's buffer
-        # holds the same number of rows, so the condition is one scalar: a real branch.
-        ready = state.buffer.size[0] >= max(c.warmup_steps, c.batch_size)
+        # Updates start once the buffer holds ``update_start`` transitions (after a resume
+        # without a saved buffer they wait until it has refilled that far). Every member's
+        # buffer holds the same number of rows, so the condition is one scalar: a real branch.
+        ready = state.buffer.size[0] >= c.update_start
         updates = jax.vmap(self._updates)
         state, update_metrics = jax.lax.cond(ready, updates, self._no_updates, state)
         return state, {**metrics, **update_metrics}
@@ -412,7 +428,7 @@ def check_memory(trainer: Trainer, refuse: bool = True) -> str:
     """Refuse a replay buffer that cannot fit, before anything is allocated or compiled;
     returns the estimate as a sentence."""
     config = trainer.config
-    row = replay.row_bytes(trainer.obs_size, trainer.action_size)
+    row = replay.row_bytes(trainer.obs_size, trainer.action_size, config.n_step > 1)
     members = trainer.population_size
     need = members * config.buffer_size * row
     free, where = available_bytes()

@@ -136,6 +136,36 @@ def test_critic_loss_v1(batch):
 
 
 @pytest.mark.parametrize("algo", ["v1", "v2"])
+def test_critic_losses_take_a_discount_per_row(batch, algo):
+    """n-step returns pass ``gamma ** k`` per row: the target discounts each row's bootstrap
+    by its own factor, and equal factors give the scalar's loss."""
+    key, log_alpha = jax.random.key(7), np.log(0.3)
+    gammas = np.array([0.9, 0.81, 0.729, 0.9, 0.6561])
+
+    def loss_with(gamma):
+        if algo == "v1":
+            return losses.critic_loss_v1(
+                params(), params(0.7), batch, nets=NETS, gamma=gamma, reward_scale=2.0
+            )[0]
+        return losses.critic_loss_v2(
+            params(), params(0.8), params(1.1), jnp.asarray(log_alpha), batch, key,
+            nets=NETS, gamma=gamma, reward_scale=2.0,
+        )[0]  # fmt: skip
+
+    b = jax.tree.map(np.asarray, batch)
+    if algo == "v1":
+        next_v = b.next_obs @ W["v"] * 0.7
+    else:
+        next_a, next_logp = np_sample(np_params(1.1), b.next_obs, eps_for(key, (BATCH, ACT)))
+        next_v = np_critic(np_params(0.8), b.next_obs, next_a).min(0) - 0.3 * next_logp
+    y = 2.0 * b.reward + gammas * (1 - b.terminated) * next_v
+    q = np_critic(np_params(), b.obs, b.action)
+    expected = 0.5 * ((q - y) ** 2).mean(1).sum()
+    np.testing.assert_allclose(loss_with(jnp.asarray(gammas)), expected, rtol=1e-10)
+    assert float(loss_with(jnp.full(BATCH, 0.9))) == float(loss_with(0.9))
+
+
+@pytest.mark.parametrize("algo", ["v1", "v2"])
 def test_bootstrap_through_truncation_not_termination(batch, algo):
     """Changing next_obs of the terminated row leaves the loss unchanged; changing it for
     the truncated row (row 3) changes it: truncation bootstraps from the final obs."""
