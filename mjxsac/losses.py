@@ -198,11 +198,18 @@ def project(values: jax.Array, probs: jax.Array, support: Support) -> jax.Array:
     """The categorical projection of C51: masses ``probs`` (batch, k) at ``values``
     (batch, k) onto the support's atoms, (batch, atoms). Each mass is split between the
     two atoms around its value in proportion to closeness (all of it to an atom it sits
-    on); values beyond the ends go to the end atoms."""
-    delta = (support.v_max - support.v_min) / (support.num_atoms - 1)
-    clipped = jnp.clip(values, support.v_min, support.v_max)
-    distance = jnp.abs(clipped[..., :, None] - support.atoms()) / delta  # (batch, k, atoms)
-    return jnp.sum(probs[..., :, None] * jnp.clip(1.0 - distance, 0.0, 1.0), axis=-2)
+    on); values beyond the ends go to the end atoms. A scatter-add, O(batch * k): the
+    dense form (every mass against every atom) ran 4x slower in the CPU train chunk."""
+    n = support.num_atoms
+    delta = (support.v_max - support.v_min) / (n - 1)
+    position = (jnp.clip(values, support.v_min, support.v_max) - support.v_min) / delta
+    lower = jnp.clip(jnp.floor(position), 0, n - 2)
+    upper_share = position - lower  # in [0, 1]; 1 only at the top atom
+    rows = jnp.broadcast_to(jnp.arange(values.shape[0])[:, None], values.shape)
+    lower = lower.astype(jnp.int32)
+    out = jnp.zeros((values.shape[0], n), probs.dtype)
+    out = out.at[rows, lower].add(probs * (1.0 - upper_share))
+    return out.at[rows, lower + 1].add(probs * upper_share)
 
 
 def value_loss_v1(
