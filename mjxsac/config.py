@@ -30,12 +30,14 @@ HOST_ONLY = frozenset(
 # Fields the TrainState carries as per-member data (see ``Config.members``).
 DATA = frozenset(
     {"seed", "actor_lr", "critic_lr", "alpha_lr", "gamma", "tau", "init_alpha",
-     "target_entropy", "reward_scale"}
+     "target_entropy", "reward_scale", "adam_b1", "adam_b2", "weight_decay"}
 )  # fmt: skip
 # Fields added after the first release: a saved config without them gets their defaults.
 ADDED_LATER = frozenset(
-    {"seeds", "vary", "log_std_clamp", "learning_starts", "n_step", "desync_episodes"}
-)
+    {"seeds", "vary", "log_std_clamp", "learning_starts", "n_step", "desync_episodes",
+     "critic", "num_atoms", "v_min", "v_max", "actor_q", "policy_delay",
+     "optimizer", "weight_decay", "adam_b1", "adam_b2", "max_grad_norm", "compute_dtype"}
+)  # fmt: skip
 # Data fields a population may vary (``--vary``); the seed varies through ``seeds``.
 VARIABLE = DATA - {"seed"}
 
@@ -139,6 +141,43 @@ class Config:
     normalize_obs: bool = True
     """Normalize observations with running mean/variance from the collected data."""
 
+    # ---- the massively parallel recipe ----
+    critic: Literal["mse", "c51"] = "mse"
+    """mse: each critic regresses a scalar Q onto the soft Bellman target (the papers).
+    c51: twin categorical critics, ``num_atoms`` logits each over the support [v_min,
+    v_max]; the target distribution (the target critic with the lower expected value, its
+    atoms shifted by the soft Bellman backup) is projected onto the support and learned by
+    cross-entropy; the actor maximizes the expected value. Size the support to the task's
+    returns times reward_scale (docs/DESIGN.md)."""
+    num_atoms: int = 101
+    """Atoms of the c51 critics' support."""
+    v_min: float = -100.0
+    """Lowest atom of the c51 support (a Q value in units of reward_scale * reward)."""
+    v_max: float = 1_500.0
+    """Highest atom of the c51 support; targets beyond the ends land on the end atoms."""
+    actor_q: Literal["min", "mean"] = "min"
+    """How the actor combines the twin critics' Q estimates: min (the papers) or mean
+    (FastSAC, FastTD3 without clipped double Q). The critic target keeps the minimum."""
+    policy_delay: int = 1
+    """The actor and the temperature are updated on every policy_delay-th critic update
+    (the target networks on every update); 1: on every update."""
+    optimizer: Literal["adam", "adamw"] = "adam"
+    """adam, or adamw: Adam with decoupled weight decay (``weight_decay``) on the actor,
+    critics and V network (never on log(alpha))."""
+    weight_decay: float = 0.001
+    """AdamW's decoupled weight decay (optimizer adamw only; adam has none)."""
+    adam_b1: float = 0.9
+    """Adam's first-moment decay (all optimizers, the temperature's too)."""
+    adam_b2: float = 0.999
+    """Adam's second-moment decay (all optimizers; FastSAC uses 0.95)."""
+    max_grad_norm: float | None = None
+    """Clip each network's gradient to this global norm before the optimizer (not
+    log(alpha)'s); None or 0: no clipping."""
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the networks' matrix products. Parameters and optimizer states stay
+    float32, LayerNorm and the network outputs are float32, and so are the losses, the
+    Gaussian log-probability and the tanh correction."""
+
     # ---- evaluation, logging ---------------------------------------------------------
     eval_every: int = 5
     """Evaluate every this many chunks (and after the last)."""
@@ -208,6 +247,18 @@ class Config:
         if not self.hidden_sizes or any(h < 1 for h in self.hidden_sizes):
             raise ValueError(f"hidden_sizes must be positive widths, got {self.hidden_sizes}")
         _check_data(self, "")
+        if isinstance(self.num_atoms, bool) or self.num_atoms < 2:
+            raise ValueError(f"num_atoms must be an integer >= 2, got {self.num_atoms!r}")
+        if self.v_min >= self.v_max:
+            raise ValueError(f"v_min ({self.v_min}) must be below v_max ({self.v_max})")
+        if isinstance(self.policy_delay, bool) or self.policy_delay < 1:
+            raise ValueError(f"policy_delay must be a positive integer, got {self.policy_delay!r}")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise ValueError(
+                f"max_grad_norm must be >= 0 (0 or None: off), got {self.max_grad_norm}"
+            )
+        if self.optimizer == "adam" and "weight_decay" in self.varied():
+            raise ValueError("--vary weight_decay needs optimizer adamw (adam has no weight decay)")
         if self.log_std_min >= self.log_std_max:
             raise ValueError("log_std_min must be below log_std_max")
         if self.num_envs > self.buffer_size:
@@ -356,6 +407,11 @@ def _check_data(config: Config, who: str) -> None:
     for name in ("actor_lr", "critic_lr", "alpha_lr", "init_alpha", "reward_scale"):
         if not getattr(config, name) > 0:
             raise ValueError(f"{name} must be positive, got {getattr(config, name)}{where}")
+    for name in ("adam_b1", "adam_b2"):
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {getattr(config, name)}{where}")
+    if not config.weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {config.weight_decay}{where}")
 
 
 def _check_type(name: str, value, kind) -> None:

@@ -23,22 +23,26 @@ ACTIVATIONS = {
 
 
 class MLP(nn.Module):
-    """Hidden layers with an activation (and optionally LayerNorm), then a linear head."""
+    """Hidden layers with an activation (and optionally LayerNorm), then a linear head.
+
+    ``dtype`` is the dtype of the matrix products (inputs and kernels are cast to it);
+    parameters stay float32, LayerNorm computes in float32, and the output is float32."""
 
     hidden_sizes: Sequence[int]
     out_size: int
     activation: str = "relu"
     layer_norm: bool = False
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         act = ACTIVATIONS[self.activation]
         for width in self.hidden_sizes:
-            x = nn.Dense(width)(x)
+            x = nn.Dense(width, dtype=self.dtype)(x)
             if self.layer_norm:
-                x = nn.LayerNorm()(x)
+                x = nn.LayerNorm(dtype=jnp.float32)(x)
             x = act(x)
-        return nn.Dense(self.out_size)(x)
+        return nn.Dense(self.out_size, dtype=self.dtype)(x).astype(jnp.float32)
 
 
 class Actor(nn.Module):
@@ -50,10 +54,11 @@ class Actor(nn.Module):
     log_std_min: float = -5.0
     log_std_max: float = 2.0
     log_std_clamp: str = "smooth"
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
-        out = MLP(self.hidden_sizes, 2 * self.action_size, self.activation)(obs)
+        out = MLP(self.hidden_sizes, 2 * self.action_size, self.activation, dtype=self.dtype)(obs)
         mean, log_std = jnp.split(out, 2, axis=-1)
         if self.log_std_clamp == "hard":  # the authors' clip; no gradient outside
             return mean, jnp.clip(log_std, self.log_std_min, self.log_std_max)
@@ -65,12 +70,15 @@ class Actor(nn.Module):
 
 
 class DoubleQ(nn.Module):
-    """Two independent Q networks evaluated in one call: output shape (2, ...batch)."""
+    """Two independent Q networks evaluated in one call: output shape (2, ...batch), or
+    (2, ...batch, num_atoms) logits of categorical critics when ``num_atoms`` > 1."""
 
     hidden_sizes: Sequence[int]
     activation: str = "relu"
     layer_norm: bool = False
     num_critics: int = 2
+    num_atoms: int = 1
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, obs: jax.Array, action: jax.Array) -> jax.Array:
@@ -82,10 +90,10 @@ class DoubleQ(nn.Module):
             out_axes=0,
             axis_size=self.num_critics,
         )
-        q = ensemble(self.hidden_sizes, 1, self.activation, self.layer_norm)(
-            jnp.concatenate([obs, action], axis=-1)
-        )
-        return q[..., 0]
+        q = ensemble(
+            self.hidden_sizes, self.num_atoms, self.activation, self.layer_norm, self.dtype
+        )(jnp.concatenate([obs, action], axis=-1))
+        return q[..., 0] if self.num_atoms == 1 else q
 
 
 class Value(nn.Module):
@@ -94,10 +102,11 @@ class Value(nn.Module):
     hidden_sizes: Sequence[int]
     activation: str = "relu"
     layer_norm: bool = False
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, obs: jax.Array) -> jax.Array:
-        return MLP(self.hidden_sizes, 1, self.activation, self.layer_norm)(obs)[..., 0]
+        return MLP(self.hidden_sizes, 1, self.activation, self.layer_norm, self.dtype)(obs)[..., 0]
 
 
 def sample_action(

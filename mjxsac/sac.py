@@ -33,9 +33,12 @@ from mjxsac import normalizer as obs_norm
 from mjxsac.config import Config
 from mjxsac.losses import (
     Nets,
+    Support,
     Transition,
     actor_loss,
     alpha_loss,
+    categorical_critic_loss_v1,
+    categorical_critic_loss_v2,
     critic_loss_v1,
     critic_loss_v2,
     gradient_step,
@@ -91,6 +94,12 @@ class TrainState:
 
 LEARNING_RATES = (("actor_opt", "actor_lr"), ("critic_opt", "critic_lr"),
                   ("value_opt", "critic_lr"), ("alpha_opt", "alpha_lr"))  # fmt: skip
+# Optimizer settings every optimizer state carries as data (the config field and optax's
+# name); weight decay only where there is one (adamw, not log(alpha)'s Adam).
+OPTIMIZER_DATA = (("adam_b1", "b1"), ("adam_b2", "b2"), ("weight_decay", "weight_decay"))
+# Metrics of the actor and temperature updates: with policy_delay > 1 averaged over the
+# updates that made them.
+ACTOR_METRICS = frozenset({"actor_loss", "entropy", "alpha_loss", "alpha"})
 
 
 class Trainer:
@@ -103,20 +112,21 @@ class Trainer:
         self.train_env = envs.wrap(self.env, c.num_envs, c.episode_length)
         self.eval_env = envs.VmapEnv(envs.TimeLimit(self.env, c.episode_length), c.eval_envs)
         self.obs_size, self.action_size = self.env.observation_size, self.env.action_size
-        hidden = tuple(c.hidden_sizes)
-        self.actor = Actor(
-            hidden, self.action_size, c.activation, c.log_std_min, c.log_std_max, c.log_std_clamp
-        )
-        self.critic = DoubleQ(hidden, c.activation, c.critic_layer_norm)
-        self.value = Value(hidden, c.activation, c.critic_layer_norm) if self.v1 else None
+        hidden, dtype = tuple(c.hidden_sizes), c.compute_dtype
+        self.actor = Actor(hidden, self.action_size, c.activation, c.log_std_min, c.log_std_max,
+                           log_std_clamp=c.log_std_clamp, dtype=dtype)  # fmt: skip
+        atoms = c.num_atoms if c.critic == "c51" else 1
+        self.critic = DoubleQ(hidden, c.activation, c.critic_layer_norm, num_atoms=atoms,
+                              dtype=dtype)  # fmt: skip
+        self.value = Value(hidden, c.activation, c.critic_layer_norm, dtype) if self.v1 else None
         self.nets = Nets(
             actor=self.actor.apply,
             critic=self.critic.apply,
             value=self.value.apply if self.value else None,
+            support=Support(c.v_min, c.v_max, c.num_atoms) if c.critic == "c51" else None,
         )
-        # The learning rate is state (inject_hyperparams), set per member by ``set_data``.
-        adam = optax.inject_hyperparams(optax.adam)
-        self.actor_opt = self.critic_opt = self.alpha_opt = adam(learning_rate=3e-4)
+        self.actor_opt = self.critic_opt = make_optimizer(c, network=True)
+        self.alpha_opt = make_optimizer(c, network=False)
         self.members = [c.member(i) for i in range(c.population_size)]
         self._identity = config.compiled_identity()
 
@@ -133,7 +143,8 @@ class Trainer:
         return len(self.members)
 
     def data(self) -> tuple[HParams, dict[str, jax.Array]]:
-        """Each member's data hyperparameters and learning rates, stacked (host values)."""
+        """Each member's data hyperparameters, and the optimizer settings (learning rates,
+        Adam's betas, weight decay) by config field, stacked (host values)."""
 
         def stack(values) -> jax.Array:
             return jnp.asarray(np.array(values, np.float32))
@@ -151,8 +162,8 @@ class Trainer:
             ),
             init_alpha=stack([m.init_alpha for m in self.members]),
         )
-        lrs = {f: stack([getattr(m, f) for m in self.members]) for _, f in LEARNING_RATES}
-        return hparams, lrs
+        fields = [f for _, f in LEARNING_RATES] + [f for f, _ in OPTIMIZER_DATA]
+        return hparams, {f: stack([getattr(m, f) for m in self.members]) for f in fields}
 
     def init_args(self) -> tuple[jax.Array, HParams, dict[str, jax.Array]]:
         """The arguments of a fresh population: each member's training key (its seed's
@@ -165,10 +176,10 @@ class Trainer:
         return place(_jit_init(self, *self.init_args()))
 
     def set_data(self, state: TrainState) -> TrainState:
-        """``state`` with this config's data hyperparameters and learning rates (a resumed
-        run may change them)."""
-        hparams, lrs = self.data()
-        return place(state.replace(hparams=hparams, **_with_learning_rates(state, lrs)))
+        """``state`` with this config's data hyperparameters and optimizer settings (a
+        resumed run may change them)."""
+        hparams, opt_data = self.data()
+        return place(state.replace(hparams=hparams, **_with_optimizer_data(state, opt_data)))
 
     def train_chunk(self, state: TrainState) -> tuple[TrainState, dict]:
         """``steps_per_chunk`` train steps, compiled once; ``state`` is donated. Metrics
@@ -201,9 +212,9 @@ class Trainer:
 
     # ---- state ----------------------------------------------------------------------------
 
-    def _init(self, keys: jax.Array, hparams: HParams, lrs: dict) -> TrainState:
+    def _init(self, keys: jax.Array, hparams: HParams, opt_data: dict) -> TrainState:
         state = jax.vmap(self._init_member)(keys, hparams)
-        return state.replace(**_with_learning_rates(state, lrs))
+        return state.replace(**_with_optimizer_data(state, opt_data))
 
     def _init_member(self, key: jax.Array, hparams: HParams) -> TrainState:
         c = self.config
@@ -245,9 +256,13 @@ class Trainer:
 
     # ---- level 1: one SAC update ----------------------------------------------------------------
 
-    def update(self, state: TrainState, key: jax.Array) -> tuple[TrainState, dict]:
+    def update(
+        self, state: TrainState, key: jax.Array, number: jax.Array | None = None
+    ) -> tuple[TrainState, dict]:
         """One gradient update of every network of one member from a uniformly replayed
-        batch."""
+        batch (the actor and temperature only on every ``policy_delay``-th). ``number``:
+        the updates made before this one; pass it unbatched (the same for every member) so
+        that a skipped actor update is a real branch, not a select computing both."""
         c, nets, hp = self.config, self.nets, state.hparams
         k_batch, k_critic, k_actor, k_value = jax.random.split(key, 4)
         gamma = hp.gamma
@@ -263,6 +278,7 @@ class Trainer:
             next_obs=obs_norm.normalize(state.normalizer, batch.next_obs),
         )
         metrics: dict[str, jax.Array] = {}
+        c51 = c.critic == "c51"
         if self.v1:
             value, value_opt, m = gradient_step(
                 value_loss_v1, state.value, state.value_opt, self.critic_opt,
@@ -270,27 +286,35 @@ class Trainer:
             )  # fmt: skip
             metrics |= m
             critic, critic_opt, m = gradient_step(
-                critic_loss_v1, state.critic, state.critic_opt, self.critic_opt,
+                categorical_critic_loss_v1 if c51 else critic_loss_v1,
+                state.critic, state.critic_opt, self.critic_opt,
                 state.target_value, batch, nets=nets, gamma=gamma, reward_scale=hp.reward_scale,
             )  # fmt: skip
         else:
             critic, critic_opt, m = gradient_step(
-                critic_loss_v2, state.critic, state.critic_opt, self.critic_opt,
+                categorical_critic_loss_v2 if c51 else critic_loss_v2,
+                state.critic, state.critic_opt, self.critic_opt,
                 state.target_critic, state.actor, state.log_alpha, batch, k_critic,
                 nets=nets, gamma=gamma, reward_scale=hp.reward_scale,
             )  # fmt: skip
         metrics |= m
-        actor, actor_opt, m = gradient_step(
-            actor_loss, state.actor, state.actor_opt, self.actor_opt,
-            critic, state.log_alpha, batch.obs, k_actor, nets=nets,
-        )  # fmt: skip
-        log_prob = m.pop("log_prob")
+        policy = (state.actor, state.actor_opt, state.log_alpha, state.alpha_opt)
+        inputs = (critic, batch.obs, k_actor, hp.target_entropy)
+        if c.policy_delay == 1:
+            policy, m = self._policy_step(policy, *inputs)
+        else:
+            number = state.updates if number is None else number
+            turn = (number + 1) % c.policy_delay == 0
+            policy, m = jax.lax.cond(turn, self._policy_step, self._no_policy_step, policy, *inputs)
         metrics |= m
+        actor, actor_opt, log_alpha, alpha_opt = policy
         state = state.replace(
             actor=actor,
             critic=critic,
             actor_opt=actor_opt,
             critic_opt=critic_opt,
+            log_alpha=log_alpha,
+            alpha_opt=alpha_opt,
             updates=state.updates + 1,
         )
         if self.v1:
@@ -299,16 +323,32 @@ class Trainer:
                 value_opt=value_opt,
                 target_value=polyak(state.target_value, value, hp.tau),
             ), metrics
-        log_alpha, alpha_opt, m = gradient_step(
-            alpha_loss, state.log_alpha, state.alpha_opt, self.alpha_opt,
-            log_prob, target_entropy=hp.target_entropy,
+        return state.replace(target_critic=polyak(state.target_critic, critic, hp.tau)), metrics
+
+    def _policy_step(self, policy: tuple, critic: Params, obs: jax.Array, key: jax.Array,
+                     target_entropy: jax.Array) -> tuple[tuple, dict]:  # fmt: skip
+        """The actor's gradient step against ``critic``, then (sac-v2) the temperature's.
+        ``policy``: (actor, actor_opt, log_alpha, alpha_opt), returned updated."""
+        actor, actor_opt, log_alpha, alpha_opt = policy
+        actor, actor_opt, metrics = gradient_step(
+            actor_loss, actor, actor_opt, self.actor_opt,
+            critic, log_alpha, obs, key, nets=self.nets, actor_q=self.config.actor_q,
         )  # fmt: skip
-        metrics |= m
-        return state.replace(
-            log_alpha=log_alpha,
-            alpha_opt=alpha_opt,
-            target_critic=polyak(state.target_critic, critic, hp.tau),
-        ), metrics
+        log_prob = metrics.pop("log_prob")
+        if not self.v1:
+            log_alpha, alpha_opt, m = gradient_step(
+                alpha_loss, log_alpha, alpha_opt, self.alpha_opt,
+                log_prob, target_entropy=target_entropy,
+            )  # fmt: skip
+            metrics |= m
+        metrics["actor_updates"] = jnp.ones((), jnp.float32)
+        return (actor, actor_opt, log_alpha, alpha_opt), metrics
+
+    def _no_policy_step(self, policy: tuple, *inputs: Any) -> tuple[tuple, dict]:
+        """A critic update's turn without the actor's (policy_delay): nothing changes;
+        zero metrics, which the averages leave out."""
+        shapes = jax.eval_shape(self._policy_step, policy, *inputs)[1]
+        return policy, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     # ---- level 2: one step of every env of every member, then the updates ---------------------
 
@@ -356,20 +396,36 @@ class Trainer:
         # without a saved buffer they wait until it has refilled that far). Every member's
         # buffer holds the same number of rows, so the condition is one scalar: a real branch.
         ready = state.buffer.size[0] >= c.update_start
-        updates = jax.vmap(self._updates)
-        state, update_metrics = jax.lax.cond(ready, updates, self._no_updates, state)
+        state, update_metrics = jax.lax.cond(ready, self._member_updates, self._no_updates, state)
         return state, {**metrics, **update_metrics}
 
-    def _updates(self, state: TrainState) -> tuple[TrainState, dict]:
+    def _member_updates(self, state: TrainState) -> tuple[TrainState, dict]:
+        """Every member's updates, vmapped. The update count (every member has made the
+        same number) enters unbatched, so policy_delay's branch stays a real branch."""
+        return jax.vmap(self._updates, in_axes=(0, None))(state, state.updates[0])
+
+    def _updates(self, state: TrainState, count: jax.Array) -> tuple[TrainState, dict]:
+        n = self.config.updates_per_step
         key, k_update = jax.random.split(state.key)
-        keys = jax.random.split(k_update, self.config.updates_per_step)
-        state, metrics = jax.lax.scan(self.update, state.replace(key=key), keys)
-        metrics = jax.tree.map(jnp.mean, metrics)
+        keys = jax.random.split(k_update, n)
+        numbers = count + jnp.arange(n, dtype=count.dtype)
+        state, metrics = jax.lax.scan(self._scan_update, state.replace(key=key), (keys, numbers))
+        actor_updates = metrics.pop("actor_updates")
+        made = jnp.sum(actor_updates)
+        metrics = {
+            k: jnp.sum(v * actor_updates) / jnp.maximum(made, 1.0) if k in ACTOR_METRICS
+            else jnp.mean(v)
+            for k, v in metrics.items()
+        }  # fmt: skip
+        metrics["actor_updates"] = made
         metrics["updated"] = jnp.ones((), jnp.float32)
         return state, metrics
 
+    def _scan_update(self, state: TrainState, xs: tuple) -> tuple[TrainState, dict]:
+        return self.update(state, *xs)
+
     def _no_updates(self, state: TrainState) -> tuple[TrainState, dict]:
-        shapes = jax.eval_shape(jax.vmap(self._updates), state)[1]
+        shapes = jax.eval_shape(self._member_updates, state)[1]
         return state, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     # ---- level 3: a compiled chunk ---------------------------------------------------------------
@@ -459,14 +515,41 @@ def available_bytes() -> tuple[int | None, str]:
         return None, "host memory"
 
 
-def _with_learning_rates(state: TrainState, lrs: dict[str, jax.Array]) -> dict:
-    """The optimizer states of ``state`` with their learning rates set to ``lrs``."""
+def make_optimizer(config: Config, network: bool) -> optax.GradientTransformation:
+    """Adam, or for a network under ``optimizer adamw`` AdamW, with its numeric settings
+    injected as state (``inject_hyperparams``; set per member by ``set_data``); for a
+    network under ``max_grad_norm``, global-norm clipping of the gradient first.
+    log(alpha)'s optimizer (``network=False``) is Adam with the same betas, unclipped."""
+    if network and config.optimizer == "adamw":
+        optimizer = optax.inject_hyperparams(optax.adamw)(learning_rate=3e-4, weight_decay=0.0)
+    else:
+        optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=3e-4)
+    if network and config.max_grad_norm:
+        optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optimizer)
+    return optimizer
+
+
+def injected(opt_state: optax.OptState) -> optax.OptState:
+    """The ``inject_hyperparams`` state inside ``opt_state`` (the last of a chain whose
+    first element clips the gradient), whose ``hyperparams`` hold the settings."""
+    return opt_state if hasattr(opt_state, "hyperparams") else opt_state[-1]
+
+
+def _with_optimizer_data(state: TrainState, data: dict[str, jax.Array]) -> dict:
+    """The optimizer states of ``state`` with their settings set from ``data`` (config
+    field -> per-member values): learning rates, Adam's betas, weight decay."""
     out = {}
     for opt_field, lr_field in LEARNING_RATES:
         opt = getattr(state, opt_field)
-        if opt is not None:
-            rate = jnp.asarray(lrs[lr_field], opt.hyperparams["learning_rate"].dtype)
-            out[opt_field] = opt._replace(hyperparams={**opt.hyperparams, "learning_rate": rate})
+        if opt is None:
+            continue
+        inner = injected(opt)
+        hyperparams = dict(inner.hyperparams)
+        for field, name in (*OPTIMIZER_DATA, (lr_field, "learning_rate")):
+            if name in hyperparams:  # a copy each: the state is donated, buffer by buffer
+                hyperparams[name] = jnp.array(data[field], hyperparams[name].dtype)
+        inner = inner._replace(hyperparams=hyperparams)
+        out[opt_field] = inner if hasattr(opt, "hyperparams") else (*opt[:-1], inner)
     return out
 
 
@@ -499,11 +582,14 @@ def chunk_summary(metrics: dict) -> dict[str, float]:
     """Reduce one member's stacked per-step metrics to host floats."""
     m = {k: np.asarray(v) for k, v in metrics.items()}
     updated = m.pop("updated")
+    actor_updates = m.pop("actor_updates", updated)
     episodes, returns = m.pop("episodes"), m.pop("episode_return_sum")
     out = {"train/reward": float(m.pop("reward").mean())}
     if episodes.sum() > 0:
         out["train/episode_return"] = float(returns.sum() / episodes.sum())
-    if updated.sum() > 0:
-        for k, v in m.items():
-            out[f"loss/{k}"] = float((v * updated).sum() / updated.sum())
+    for k, v in m.items():
+        # The actor's metrics are per-step averages over its updates (policy_delay).
+        weight = actor_updates if k in ACTOR_METRICS else updated
+        if weight.sum() > 0:
+            out[f"loss/{k}"] = float((v * weight).sum() / weight.sum())
     return out

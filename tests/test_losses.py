@@ -266,3 +266,170 @@ def test_log_std_clamps():
         assert jnp.all(log_std >= -20.0) and jnp.all(log_std <= 2.0)
         if clamp == "hard":  # huge outputs stop at the bounds
             assert jnp.all((log_std[1:] == 2.0) | (log_std[1:] == -20.0))
+
+
+# ---- the categorical (C51) critic --------------------------------------------------------
+
+SUPPORT = losses.Support(v_min=-2.0, v_max=2.0, num_atoms=5)  # atoms -2, -1, 0, 1, 2
+ATOMS = np.linspace(-2.0, 2.0, 5)
+W_C51 = rng.normal(size=(2, 5, OBS + ACT)) * 0.7
+
+
+def categorical_critic(params, obs, action):
+    x = jnp.concatenate([obs, action], axis=-1)
+    return jnp.einsum("cnd,bd->cbn", params["qc"], x)
+
+
+def c51_params(scale=1.0):
+    return {**params(scale), "qc": jnp.asarray(W_C51 * scale)}
+
+
+def np_c51_params(scale=1.0):
+    return {**np_params(scale), "qc": W_C51 * scale}
+
+
+C51 = Nets(actor=actor, critic=categorical_critic, value=value, support=SUPPORT)
+
+
+def np_logits(p, obs, action):
+    return np.einsum("cnd,bd->cbn", p["qc"], np.concatenate([obs, action], axis=-1))
+
+
+def np_softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def np_project(values, probs, v_min, v_max, n):
+    """C51's projection written the classic way: floor and ceil of the atom position."""
+    delta = (v_max - v_min) / (n - 1)
+    out = np.zeros((values.shape[0], n))
+    for b in range(values.shape[0]):
+        for x, p in zip(values[b], probs[b], strict=True):
+            pos = (min(max(x, v_min), v_max) - v_min) / delta
+            lo, hi = int(np.floor(pos)), int(np.ceil(pos))
+            if lo == hi:
+                out[b, lo] += p
+            else:
+                out[b, lo] += p * (hi - pos)
+                out[b, hi] += p * (pos - lo)
+    return out
+
+
+def test_projection_onto_the_support():
+    """On an atom, between atoms, at and beyond both ends; the mass is conserved."""
+    values = np.array([[0.0, 0.25, -1.5, 1.999], [-2.0, 2.0, -3.5, 7.0], [0.5, 0.5, 0.5, 0.5]])
+    probs = np_softmax(rng.normal(size=values.shape))
+    got = np.asarray(losses.project(jnp.asarray(values), jnp.asarray(probs), SUPPORT))
+    ref = np_project(values, probs, -2.0, 2.0, 5)
+    np.testing.assert_allclose(got, ref, atol=1e-12)
+    np.testing.assert_allclose(got.sum(-1), 1.0, rtol=1e-12)
+    # Beyond the ends: all of that mass on the end atoms.
+    np.testing.assert_allclose(
+        got[1], [probs[1, 0] + probs[1, 2], 0, 0, 0, probs[1, 1] + probs[1, 3]]
+    )
+    np.testing.assert_allclose(got[2], [0, 0, 0.5, 0.5, 0])
+
+
+def np_c51_target_v2(batch, key, gamma, reward_scale, log_alpha, target_scale=0.8, pi_scale=1.1):
+    b = jax.tree.map(np.asarray, batch)
+    next_a, next_logp = np_sample(np_params(pi_scale), b.next_obs, eps_for(key, (BATCH, ACT)))
+    probs = np_softmax(np_logits(np_c51_params(target_scale), b.next_obs, next_a))
+    lower = np.argmin((probs * ATOMS).sum(-1), axis=0)
+    next_probs = probs[lower, np.arange(BATCH)]
+    soft = ATOMS[None, :] - np.exp(log_alpha) * next_logp[:, None]
+    shifted = reward_scale * b.reward[:, None] + (gamma * (1 - b.terminated))[:, None] * soft
+    return np_project(shifted, next_probs, -2.0, 2.0, 5), shifted, next_probs
+
+
+@pytest.mark.parametrize("gamma", [0.9, np.array([0.9, 0.81, 0.729, 0.99, 0.5])])
+@pytest.mark.parametrize("reward_scale", [1.0, 3.0])
+def test_categorical_critic_loss_v2(batch, gamma, reward_scale):
+    """Against the NumPy reference, with a scalar or a per-row gamma (n-step returns),
+    with the terminated row (1) collapsing to the reward and the truncated row (3)
+    bootstrapping; rewards x3 push targets beyond the support's ends."""
+    key, log_alpha = jax.random.key(7), np.log(0.3)
+    loss, metrics = losses.categorical_critic_loss_v2(
+        c51_params(), c51_params(0.8), params(1.1), jnp.asarray(log_alpha), batch, key,
+        nets=C51, gamma=jnp.asarray(gamma), reward_scale=reward_scale,
+    )  # fmt: skip
+    target, shifted, next_probs = np_c51_target_v2(batch, key, gamma, reward_scale, log_alpha)
+    b = jax.tree.map(np.asarray, batch)
+    np.testing.assert_allclose(target[1], np_project(
+        np.full((1, 1), reward_scale * b.reward[1]), np.ones((1, 1)), -2.0, 2.0, 5)[0])  # fmt: skip
+    logits = np_logits(np_c51_params(), b.obs, b.action)
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = (-(target * log_p).sum(-1)).mean(-1).sum()
+    np.testing.assert_allclose(loss, expected, rtol=1e-10)
+    np.testing.assert_allclose(metrics["target_q"], (target * ATOMS).sum(-1).mean(), rtol=1e-10)
+    q = (np_softmax(logits) * ATOMS).sum(-1)
+    np.testing.assert_allclose(metrics["q"], q.mean(), rtol=1e-10)
+    outside = ((shifted < -2) | (shifted > 2)) * next_probs
+    np.testing.assert_allclose(metrics["target_clipped"], outside.sum(-1).mean(), rtol=1e-10)
+    if reward_scale == 3.0:
+        assert float(metrics["target_clipped"]) > 0
+
+
+def test_categorical_critic_loss_v1_projects_a_point_mass(batch):
+    gamma, scale = np.array([0.9, 0.9, 0.5, 0.99, 0.9]), 2.0
+    loss, metrics = losses.categorical_critic_loss_v1(
+        c51_params(), params(0.7), batch, nets=C51, gamma=jnp.asarray(gamma), reward_scale=scale
+    )
+    b = jax.tree.map(np.asarray, batch)
+    y = scale * b.reward + gamma * (1 - b.terminated) * (b.next_obs @ W["v"] * 0.7)
+    target = np_project(y[:, None], np.ones((BATCH, 1)), -2.0, 2.0, 5)
+    logits = np_logits(np_c51_params(), b.obs, b.action)
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    np.testing.assert_allclose(loss, (-(target * log_p).sum(-1)).mean(-1).sum(), rtol=1e-10)
+    np.testing.assert_allclose(metrics["target_q"], np.clip(y, -2, 2).mean(), rtol=1e-10)
+
+
+@pytest.mark.parametrize("algo", ["v1", "v2"])
+def test_categorical_target_ignores_next_obs_after_termination(batch, algo):
+    def loss_with(next_obs):
+        b = batch.replace(next_obs=next_obs)
+        if algo == "v1":
+            return losses.categorical_critic_loss_v1(
+                c51_params(), params(0.7), b, nets=C51, gamma=0.99, reward_scale=1.0
+            )[0]
+        return losses.categorical_critic_loss_v2(
+            c51_params(), c51_params(0.8), params(), jnp.asarray(0.0), b, jax.random.key(3),
+            nets=C51, gamma=0.99, reward_scale=1.0,
+        )[0]  # fmt: skip
+
+    base = loss_with(batch.next_obs)
+    assert float(loss_with(batch.next_obs.at[1].add(3.0))) == pytest.approx(float(base), 1e-12)
+    # The truncated row bootstraps (the narrow support clips much of the change).
+    assert abs(float(loss_with(batch.next_obs.at[3].add(3.0))) - float(base)) > 1e-5
+
+
+def test_categorical_gradient_flows_only_into_the_online_critics(batch):
+    grads = jax.grad(losses.categorical_critic_loss_v2, argnums=(0, 1, 2, 3), has_aux=True)(
+        c51_params(), c51_params(0.8), params(1.1), jnp.asarray(np.log(0.3)), batch,
+        jax.random.key(4), nets=C51, gamma=0.99, reward_scale=1.0,
+    )[0]  # fmt: skip
+    assert float(jnp.abs(grads[0]["qc"]).sum()) > 0
+    assert float(jnp.abs(grads[1]["qc"]).sum()) == 0, "the target critics"
+    assert all(float(jnp.abs(g).sum()) == 0 for g in jax.tree.leaves(grads[2])), "the actor"
+    assert float(grads[3]) == 0, "the temperature"
+
+
+@pytest.mark.parametrize("actor_q", ["min", "mean"])
+@pytest.mark.parametrize("kind", ["mse", "c51"])
+def test_actor_loss_combines_the_critics(batch, actor_q, kind):
+    """min (the papers) or mean (FastSAC) of the critics' estimates; a categorical
+    critic's estimate is its expected value."""
+    key, log_alpha = jax.random.key(6), np.log(0.2)
+    nets, p = (NETS, params(0.9)) if kind == "mse" else (C51, c51_params(0.9))
+    loss, _ = losses.actor_loss(
+        params(), p, jnp.asarray(log_alpha), batch.obs, key, nets=nets, actor_q=actor_q
+    )
+    obs = np.asarray(batch.obs)
+    a, logp = np_sample(np_params(), obs, eps_for(key, (BATCH, ACT)))
+    if kind == "mse":
+        q = np_critic(np_params(0.9), obs, a)
+    else:
+        q = (np_softmax(np_logits(np_c51_params(0.9), obs, a)) * ATOMS).sum(-1)
+    combined = q.min(0) if actor_q == "min" else q.mean(0)
+    assert np.abs(q[0] - q[1]).max() > 0.1, "the critics disagree: min and mean differ"
+    np.testing.assert_allclose(loss, (0.2 * logp - combined).mean(), rtol=1e-10)
