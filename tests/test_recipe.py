@@ -222,3 +222,35 @@ def test_varied_weight_decay_does_not_recompile_and_set_data_applies_it(compile_
     restored = Checkpoints(tmp_path / "checkpoints", read_only=True).restore(other)
     same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), state, restored)
     assert all(jax.tree.leaves(same))
+
+
+@pytest.mark.parametrize("algo", ["sac-v2", "sac-v1"])
+def test_presets_hold_the_authors_and_the_recipes_settings(algo):
+    """Every task's presets validate; ``paper`` is the authors' code's configuration
+    (haarnoja/sac for v1, softlearning for v2), ``fast`` is the FastSAC recipe with a
+    support sized to the task's returns (x the reward scale)."""
+    import envs
+
+    for env in envs.NAMES:
+        for name in presets.PRESETS:
+            presets.config_for(env, algo, name).validate()
+        paper = presets.config_for(env, algo, "paper")
+        assert (paper.log_std_clamp, paper.log_std_min, paper.log_std_max) == ("hard", -20, 2)
+        if algo == "sac-v1":
+            warmup = 10_000 if env in ("HalfCheetah", "Ant") else 1_000
+            assert (paper.warmup_steps, paper.update_start) == (warmup, 1_000)
+            assert paper.reward_scale == (20.0 if env == "Humanoid" else 5.0)
+        else:
+            assert (paper.warmup_steps, paper.update_start, paper.reward_scale) == (10_000,) * 2 + (
+                1.0,
+            )
+        fast = presets.config_for(env, algo, "fast")
+        low, high = presets.FAST_SUPPORT[env]
+        assert (fast.v_min, fast.v_max) == (low * fast.reward_scale, high * fast.reward_scale)
+        assert (fast.critic, fast.actor_q, fast.optimizer, fast.compute_dtype) == (
+            "c51", "mean", "adamw", "bfloat16",
+        )  # fmt: skip
+        assert fast.desync_episodes and fast.warmup_steps == 0 and fast.policy_delay == 4
+    assert presets.config_for("Walker2d", algo, "paper").total_steps == (
+        1_000_000 if algo == "sac-v1" else 3_000_000
+    )

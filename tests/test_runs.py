@@ -163,7 +163,7 @@ def test_check_finite_names_the_quantity_and_step():
         ),
         (["--buffer-size", str(10**12)], "the replay buffer needs"),
         (["--env-options", "iterations=0"], "iterations must be a positive integer"),
-        (["--preset", "fast"], "unknown preset"),
+        (["--preset", "fastest"], "unknown preset"),
         (["--env-options", "reset_noise_scale=abc"], "reset_noise_scale must be a number"),
     ],
 )
