@@ -121,6 +121,11 @@ def test_one_step_windows_are_todays_batch():
 
 def test_n_step_buffer_layout_and_refusals():
     assert replay.row_bytes(3, 2, with_done=True) == replay.row_bytes(3, 2) + 1
+    # The plain buffer keeps the pytree that checkpoints written before n-step returns
+    # hold (an extra field, even None, makes Orbax refuse to restore them).
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(
+        replay.init(4, OBS, ACT), is_leaf=lambda x: x is None)]  # fmt: skip
+    assert [p for p in paths if not p.startswith(".data")] == [".index", ".size"]
     buf = replay.init(10, OBS, ACT, with_done=True)
     rows, done = step_rows(0)
     with pytest.raises(ValueError, match="pass done"):
