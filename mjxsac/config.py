@@ -129,8 +129,9 @@ class Config:
     returns times reward_scale (docs/DESIGN.md)."""
     num_atoms: int = 101
     """Atoms of the c51 critics' support."""
-    v_min: float = -100.0
-    """Lowest atom of the c51 support (a Q value in units of reward_scale * reward)."""
+    v_min: float = -1_500.0
+    """Lowest atom of the c51 support, a Q value (so in units of reward_scale * reward).
+    An untrained critic predicts the support's midpoint: keep it near 0."""
     v_max: float = 1_500.0
     """Highest atom of the c51 support; targets beyond the ends land on the end atoms."""
     actor_q: Literal["min", "mean"] = "min"
