@@ -2,9 +2,10 @@
 
 Three kinds of field: *shape* fields decide the compiled program (task, algorithm, sizes,
 network widths, updates per step, the population's size); *data* fields (``DATA``: the
-seed, learning rates, gamma, tau, reward scale, temperature settings) are carried in the
-TrainState as per-member arrays, so changing them never recompiles and they may differ
-across a population's members; *host-only* fields (``HOST_ONLY``) never reach the device.
+seed, learning rates, gamma, tau, reward scale, temperature settings, Adam's betas and
+weight decay) are carried in the TrainState as per-member arrays, so changing them never
+recompiles and they may differ across a population's members; *host-only* fields
+(``HOST_ONLY``) never reach the device.
 A run is a population of members (``seeds`` x the grid of ``vary``); one member is an
 ordinary run. Derived sizes are properties, and ``validate`` refuses impossible settings
 before anything is compiled.
