@@ -222,3 +222,20 @@ def test_varied_weight_decay_does_not_recompile_and_set_data_applies_it(compile_
     restored = Checkpoints(tmp_path / "checkpoints", read_only=True).restore(other)
     same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), state, restored)
     assert all(jax.tree.leaves(same))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (dict(num_atoms=1), "num_atoms"),
+        (dict(v_min=5.0, v_max=5.0), "v_min"),
+        (dict(policy_delay=0), "policy_delay"),
+        (dict(max_grad_norm=-1.0), "max_grad_norm"),
+        (dict(adam_b2=1.0), "adam_b2"),
+        (dict(adam_b1=-0.1), "adam_b1"),
+        (dict(vary=("weight_decay=0.001,-0.01",)), "weight_decay must be >= 0"),
+    ],
+)
+def test_bad_recipe_settings_are_refused(extra, message):
+    with pytest.raises(ValueError, match=message):
+        config(**extra).validate()
