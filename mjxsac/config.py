@@ -2,9 +2,10 @@
 
 Three kinds of field: *shape* fields decide the compiled program (task, algorithm, sizes,
 network widths, updates per step, the population's size); *data* fields (``DATA``: the
-seed, learning rates, gamma, tau, reward scale, temperature settings) are carried in the
-TrainState as per-member arrays, so changing them never recompiles and they may differ
-across a population's members; *host-only* fields (``HOST_ONLY``) never reach the device.
+seed, learning rates, gamma, tau, reward scale, temperature settings, Adam's betas and
+weight decay) are carried in the TrainState as per-member arrays, so changing them never
+recompiles and they may differ across a population's members; *host-only* fields
+(``HOST_ONLY``) never reach the device.
 A run is a population of members (``seeds`` x the grid of ``vary``); one member is an
 ordinary run. Derived sizes are properties, and ``validate`` refuses impossible settings
 before anything is compiled.
@@ -151,8 +152,9 @@ class Config:
     returns times reward_scale (docs/DESIGN.md)."""
     num_atoms: int = 101
     """Atoms of the c51 critics' support."""
-    v_min: float = -100.0
-    """Lowest atom of the c51 support (a Q value in units of reward_scale * reward)."""
+    v_min: float = -1_500.0
+    """Lowest atom of the c51 support, a Q value (so in units of reward_scale * reward).
+    An untrained critic predicts the support's midpoint: keep it near 0."""
     v_max: float = 1_500.0
     """Highest atom of the c51 support; targets beyond the ends land on the end atoms."""
     actor_q: Literal["min", "mean"] = "min"

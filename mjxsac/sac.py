@@ -3,7 +3,8 @@
 A run is a population of P members (P = 1 is an ordinary run, through the same code):
 every leaf of the ``TrainState`` has a leading member axis, and each member has its own
 seed, parameters, optimizer states, temperature, normalizer, buffer, envs, keys and data
-hyperparameters (``HParams`` and the learning rates inside the optimizer states). Three
+hyperparameters (``HParams``, and the learning rates, betas and weight decay inside the
+optimizer states). Three
 levels, each short:
 
 * ``update(state, key)``: one SAC gradient update (v1 or v2) of one member;
@@ -55,7 +56,7 @@ warnings.filterwarnings("ignore", message="Some donated buffers were not usable"
 @struct.dataclass
 class HParams:
     """A member's data hyperparameters, as arrays: changing them never recompiles. (The
-    learning rates live in the optimizer states, through ``optax.inject_hyperparams``.)"""
+    optimizer settings live in the optimizer states, through ``optax.inject_hyperparams``.)"""
 
     gamma: jax.Array
     tau: jax.Array

@@ -433,3 +433,16 @@ def test_actor_loss_combines_the_critics(batch, actor_q, kind):
     combined = q.min(0) if actor_q == "min" else q.mean(0)
     assert np.abs(q[0] - q[1]).max() > 0.1, "the critics disagree: min and mean differ"
     np.testing.assert_allclose(loss, (0.2 * logp - combined).mean(), rtol=1e-10)
+
+
+def test_value_loss_v1_regresses_onto_the_categorical_critics_expected_value(batch):
+    """SAC v1 with C51: V stays scalar, its target the min of the expected values."""
+    key = jax.random.key(5)
+    loss, _ = losses.value_loss_v1(
+        params(0.5), params(1.2), c51_params(), batch.obs, key, nets=C51, alpha=1.0
+    )
+    obs = np.asarray(batch.obs)
+    a, logp = np_sample(np_params(1.2), obs, eps_for(key, (BATCH, ACT)))
+    q = (np_softmax(np_logits(np_c51_params(), obs, a)) * ATOMS).sum(-1)
+    v = obs @ W["v"] * 0.5
+    np.testing.assert_allclose(loss, 0.5 * ((v - (q.min(0) - logp)) ** 2).mean(), rtol=1e-10)

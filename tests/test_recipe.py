@@ -254,3 +254,20 @@ def test_presets_hold_the_authors_and_the_recipes_settings(algo):
     assert presets.config_for("Walker2d", algo, "paper").total_steps == (
         1_000_000 if algo == "sac-v1" else 3_000_000
     )
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (dict(num_atoms=1), "num_atoms"),
+        (dict(v_min=5.0, v_max=5.0), "v_min"),
+        (dict(policy_delay=0), "policy_delay"),
+        (dict(max_grad_norm=-1.0), "max_grad_norm"),
+        (dict(adam_b2=1.0), "adam_b2"),
+        (dict(adam_b1=-0.1), "adam_b1"),
+        (dict(vary=("weight_decay=0.001,-0.01",)), "weight_decay must be >= 0"),
+    ],
+)
+def test_bad_recipe_settings_are_refused(extra, message):
+    with pytest.raises(ValueError, match=message):
+        config(**extra).validate()

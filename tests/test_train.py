@@ -97,6 +97,36 @@ def test_sac_v1_learns_inverted_pendulum(tmp_path):
     assert all(max(c) >= 5 * c[0] for c in curves), curves
 
 
+# The massively parallel recipe's options (issue 11), all of them at once. The support is
+# symmetric about 0: an untrained C51 critic predicts its midpoint, and InvertedPendulum's
+# Q lies in [0, 100] (docs/DESIGN.md).
+RECIPE = ["--critic", "c51", "--v-min", "-100", "--v-max", "100", "--policy-delay", "2",
+          "--optimizer", "adamw", "--compute-dtype", "bfloat16", "--actor-q", "mean",
+          "--n-step", "3"]  # fmt: skip
+RECIPE_STEPS = 16_000
+
+
+@pytest.mark.xdist_group("sac-v2-recipe")
+def test_the_parallel_recipe_learns_inverted_pendulum(tmp_path):
+    """SAC v2 with the recipe's options solves the task, in more steps than plain SAC v2
+    (the actor updates half as often, and the C51 critic starts from a flat distribution
+    that bootstrapping narrows only slowly). Measured 2026-11-24 (CPU, populations of
+    seeds 0-3, 2,000 env steps per eval): every seed at 1,000 by 16,000 env steps, three
+    of four by 14,000; seed 0 alone at 820 after 12,000 and 1,000 from 14,000 on. With a
+    support whose midpoint is 50 ([-10, 110], [-50, 150]) some seeds had not learned at
+    all after 16,000-20,000. With --n-step 3 added (seed 0): 1,000 from 12,000 on."""
+    run_dir = tmp_path / "recipe"
+    train_cli.main([*cli_args("sac-v2", run_dir), *RECIPE, "--total-steps", str(RECIPE_STEPS)])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["env_steps"] == RECIPE_STEPS
+    evals = [r["eval/return_mean"] for r in rows]
+    assert max(evals) >= SOLVED, evals
+    assert evals[-1] >= SOLVED, evals
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert (saved["critic"], saved["compute_dtype"], saved["policy_delay"], saved["n_step"]) == (
+        "c51", "bfloat16", 2, 3)  # fmt: skip
+
+
 def test_updates_off_collects_data_only():
     """``updates_per_step=0`` (the pipeline-overhead benchmark) steps and stores, no update."""
     trainer = Trainer(config("sac-v2", updates_per_step=0))
