@@ -19,11 +19,15 @@ are loaded, not compiled. The phases, in the order the training command runs the
   the first chunk runs where that can overlap (an accelerator, or several CPU cores), as
   the training command does; after it on one CPU core or with ``--serial``.
 
-``to_first_update`` is the wall time from process start to the first chunk's end;
-``to_eval_ready`` adds what is left of evaluation's compilation. Each run also reports
-the programs compiled and loaded (JAX's compile events and cache logging). The default
-config is the ``parallel`` preset scaled to a CPU: 16 envs, batch 256, a buffer of
-100,000, updates from env step 256 on (``--set`` overrides any field).
+``to_first_update`` is the wall time from process start to the first chunk's end. Unless
+``--set warmup_steps=...`` says otherwise, the warm-up is one chunk long
+(``num_envs x steps_per_chunk`` env steps), so the first chunk's last step makes the
+first ``updates_per_step`` updates and its end *is* the first update, not an upper bound
+that adds a chunk of training compute. ``to_eval_ready`` adds what is left of
+evaluation's compilation. Each run also reports the programs compiled and loaded (JAX's
+compile events and cache logging) and the updates in the first chunk. The default config
+is the ``parallel`` preset scaled to a CPU: 16 envs, batch 256, a buffer of 100,000
+(``--set`` overrides any field).
 """
 
 from __future__ import annotations
@@ -39,7 +43,19 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-CPU_SCALE = ["num_envs=16", "batch_size=256", "buffer_size=100000", "warmup_steps=256"]
+CPU_SCALE = ["num_envs=16", "batch_size=256", "buffer_size=100000"]
+
+
+def first_update_at_chunk_end(config, sets: list[str]):
+    """The config whose warm-up ends with the first chunk's last step (unless ``sets``
+    chose a warm-up): updates start once the buffer holds ``num_envs x steps_per_chunk``
+    transitions, which it does after that step's insert."""
+    import dataclasses
+
+    if any(item.startswith(("warmup_steps=", "learning_starts=")) for item in sets):
+        return config
+    steps = config.num_envs * config.steps_per_chunk
+    return dataclasses.replace(config, warmup_steps=steps, learning_starts=None).validate()
 
 
 def child(args) -> dict:
@@ -64,6 +80,7 @@ def child(args) -> dict:
     cache_dir = compile_cache.configure(args.compile_cache)
     tally = compile_cache.Tally()
     config = make_config(args.task, "sac-v2", args.preset, args.seed, [*CPU_SCALE, *args.set])
+    config = first_update_at_chunk_end(config, args.set)
     trainer = Trainer(config)
     lap("env")
     state = jax.block_until_ready(trainer.init())
@@ -85,6 +102,11 @@ def child(args) -> dict:
     jax.block_until_ready((state, metrics))
     lap("first_chunk")
     to_first_update = mark - args.spawned
+    if int(state.updates[0]) == 0:
+        raise SystemExit(
+            "bench_compile: the first chunk made no update, so its end is not the first "
+            "update: lower warmup_steps / learning_starts / batch_size"
+        )
     if evaluate is None:
         evaluate = Ahead(trainer.trace_evaluate, *eval_args, phases=eval_phases)
     evaluate.result()

@@ -437,22 +437,30 @@ class Trainer:
     # ---- evaluation -------------------------------------------------------------------------
 
     def _evaluate(self, actor: Params, normalizer: obs_norm.Normalizer, keys: jax.Array):
-        return jax.vmap(self._evaluate_member)(actor, normalizer, keys)
+        """Full episodes on ``eval_envs`` fresh envs per member with the deterministic mean
+        action. Returns per-episode returns and lengths, (member, episode).
 
-    def _evaluate_member(self, actor: Params, normalizer: obs_norm.Normalizer, key: jax.Array):
-        """Full episodes on ``eval_envs`` fresh envs with the deterministic mean action.
-        Returns per-episode returns and lengths."""
-        state = self.eval_env.reset(key)
-        n = self.config.eval_envs
-        carry = (state, jnp.zeros(n), jnp.zeros(n, jnp.int32), jnp.ones(n, bool))
+        One while loop runs every member's envs until all episodes have ended, its body
+        vmapped over the members (the same arithmetic as a vmapped loop per member: a
+        finished episode adds nothing). Vmapping the loop instead would batch the env
+        step's program up to three times over while vmap finds which loop values vary
+        by member (the counters start as constants, then the condition varies too),
+        which made tracing evaluation cost more than tracing the train chunk."""
+        state = jax.vmap(self.eval_env.reset)(keys)
+        shape = (keys.shape[0], self.config.eval_envs)
+        carry = (state, jnp.zeros(shape), jnp.zeros(shape, jnp.int32), jnp.ones(shape, bool))
 
         def running(carry):
             return jnp.any(carry[3])
 
+        def act(actor: Params, normalizer: obs_norm.Normalizer, obs: jax.Array) -> jax.Array:
+            mean, _ = self.actor.apply(actor, obs_norm.normalize(normalizer, obs))
+            return scale_action(self.env, deterministic_action(mean))
+
         def step(carry):
             state, returns, lengths, alive = carry
-            mean, _ = self.actor.apply(actor, obs_norm.normalize(normalizer, state.obs))
-            state = self.eval_env.step(state, scale_action(self.env, deterministic_action(mean)))
+            action = jax.vmap(act)(actor, normalizer, state.obs)
+            state = jax.vmap(self.eval_env.step)(state, action)
             returns = returns + jnp.where(alive, state.reward, 0.0)
             lengths = lengths + alive
             alive = alive & ~(state.terminated | state.truncated)

@@ -104,3 +104,20 @@ def test_option_and_directory(monkeypatch, tmp_path):
     monkeypatch.setenv("MJXSAC_COMPILE_CACHE", str(tmp_path / "env"))
     assert compile_cache.resolve() == tmp_path / "env"
     assert compile_cache.resolve("off") is None, "the option wins over the variable"
+
+
+def test_bench_compile_times_the_first_update_itself():
+    """launch/bench_compile's first chunk ends with the first updates (its warm-up is one
+    chunk long), so its end is the time to the first update, not a bound that adds a
+    chunk of training; a warm-up given on the command line is kept."""
+    from launch.bench_compile import CPU_SCALE, first_update_at_chunk_end
+    from launch.bench_sac import make_config
+
+    config = first_update_at_chunk_end(
+        make_config("Hopper", "sac-v2", "parallel", 0, CPU_SCALE), []
+    )
+    per_step = config.num_envs
+    assert config.update_start == per_step * config.steps_per_chunk  # ready after the last step
+    assert config.update_start >= config.batch_size
+    chosen = make_config("Hopper", "sac-v2", "parallel", 0, [*CPU_SCALE, "warmup_steps=256"])
+    assert first_update_at_chunk_end(chosen, ["warmup_steps=256"]).update_start == 256
