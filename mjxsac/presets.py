@@ -184,8 +184,8 @@ def config_for(env: str, algo: str = "sac-v2", preset: str = "cpu") -> Config:
             fields["warmup_steps"] = 10_000
     elif preset in ("parallel", "fast"):
         fields["total_steps"] = PARALLEL_STEPS.get(env, 20_000_000)
-    if preset == "fast":
-        low, high = FAST_SUPPORT.get(env, (-100.0, 1_000.0))
+    if preset == "fast" and env in FAST_SUPPORT:  # (another env keeps Config's support)
+        low, high = FAST_SUPPORT[env]
         scale = fields.get("reward_scale", 1.0)
         fields["v_min"], fields["v_max"] = low * scale, high * scale
     return dataclasses.replace(Config(env=env, algo=algo, preset=preset), **fields)
