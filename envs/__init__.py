@@ -10,7 +10,15 @@ from __future__ import annotations
 import importlib
 
 from envs.base import Env, PhysicsOptions, State, scale_action
-from envs.wrappers import AutoReset, TimeLimit, VmapEnv, Wrapper, desynchronize, wrap
+from envs.wrappers import (
+    AutoReset,
+    Compact,
+    TimeLimit,
+    VmapEnv,
+    Wrapper,
+    desynchronize,
+    wrap,
+)
 
 _MODULES = {
     "InvertedPendulum": "envs.inverted_pendulum",
@@ -79,6 +87,7 @@ def make(name: str, **overrides) -> Env:
 __all__ = [
     "NAMES",
     "AutoReset",
+    "Compact",
     "Env",
     "PhysicsOptions",
     "State",

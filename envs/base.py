@@ -29,6 +29,10 @@ from envs.physics import Physics
 ASSETS = Path(__file__).parent
 XML = "xml"
 """The value of an iteration cap that keeps the XML's (``iterations="xml"``)."""
+STEP_INPUTS = ("time", "qpos", "qvel", "act", "qacc_warmstart", "ctrl")
+"""The ``mjx.Data`` fields a physics step reads from the step before it: ``mjx.step``
+recomputes every other field from these (the applied forces, mocap and equality fields
+are inputs too, but nothing here sets them: they stay at ``make_data``'s values)."""
 
 
 @struct.dataclass
@@ -195,6 +199,9 @@ class Env:
     episode_length: int = 1000
     uses_cfrc_ext: bool = False
     """Whether the task reads ``cfrc_ext``: only then is ``rne_postconstraint`` run."""
+    before_fields: tuple[str, ...] = ()
+    """Computed ``Data`` fields that ``_reward`` reads from the state *before* the step
+    (Ant: the torso's ``xpos``); ``compact`` keeps them next to ``STEP_INPUTS``."""
     camera_distance: float = 4.0
     """Video camera distance (Gymnasium's default camera configuration of the task)."""
     camera_tracks: bool = True
@@ -304,6 +311,22 @@ class Env:
     ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
         """Return ``(reward, terminated, metrics)`` for the transition ``before -> after``."""
         raise NotImplementedError
+
+    # ---- a compact state ----------------------------------------------------------------
+
+    def compact(self, data: mjx.Data) -> mjx.Data:
+        """``data`` with only what the next step reads (``STEP_INPUTS`` and
+        ``before_fields``); every other field is ``None``. A loop that carries env states
+        (the training chunk, evaluation) carries 6-7 arrays per env instead of ~50: less
+        to copy per step and a smaller program to compile. ``expand`` undoes it."""
+        keep = set(STEP_INPUTS + self.before_fields)
+        dropped = {f.name: None for f in dataclasses.fields(data) if f.name not in keep}
+        return data.replace(**dropped)
+
+    def expand(self, data: mjx.Data) -> mjx.Data:
+        """A full ``Data`` from a compact one: the kept fields over a fresh ``make_data``."""
+        kept = STEP_INPUTS + self.before_fields
+        return self._data0.replace(**{name: getattr(data, name) for name in kept})
 
     # ---- helpers ------------------------------------------------------------------------
 

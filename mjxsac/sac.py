@@ -111,7 +111,9 @@ class Trainer:
         c = config
         self.env = envs.make(c.env, **c.env_kwargs())
         self.train_env = envs.wrap(self.env, c.num_envs, c.episode_length)
-        self.eval_env = envs.VmapEnv(envs.TimeLimit(self.env, c.episode_length), c.eval_envs)
+        self.eval_env = envs.VmapEnv(
+            envs.Compact(envs.TimeLimit(self.env, c.episode_length)), c.eval_envs
+        )
         self.obs_size, self.action_size = self.env.observation_size, self.env.action_size
         hidden, dtype = tuple(c.hidden_sizes), c.compute_dtype
         self.actor = Actor(hidden, self.action_size, c.activation, c.log_std_min, c.log_std_max,

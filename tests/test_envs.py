@@ -4,6 +4,7 @@ over a random rollout, and auto-resets while keeping the terminal observation.""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 import envs
-from envs.base import ASSETS, add_physics_arguments, physics_from_arguments
+from envs.base import ASSETS, STEP_INPUTS, add_physics_arguments, physics_from_arguments
 from mjxsac.config import Config
 
 # Gymnasium v5 observation / action sizes, from its documentation.
@@ -113,6 +114,12 @@ def test_sizes_and_float32_shapes(name):
         action = jax.ShapeDtypeStruct((*lead, act_size), jnp.float32)
         stepped = jax.eval_shape(stack.step, state, action)
         for s in (state, stepped):
+            if stack is batched:  # the training stack carries compact states
+                data = s.data
+                kept = {
+                    f.name for f in dataclasses.fields(data) if getattr(data, f.name) is not None
+                }
+                assert kept == set(STEP_INPUTS + env.before_fields)
             assert s.obs.shape == s.final_obs.shape == (*lead, obs_size)
             assert s.reward.shape == s.terminated.shape == s.truncated.shape == lead
             assert s.obs.dtype == s.reward.dtype == jnp.float32
@@ -127,12 +134,19 @@ def test_jit_rollout_and_auto_reset(name):
     ended each episode. InvertedPendulum runs a batch of 3 envs under ``vmap``; the other
     tasks run one env, because a vmapped physics step compiles about twice as long on the
     CI's CPU (Humanoid: 164 s) and ``vmap`` is traced for every task above and run by the
-    training tests. A host loop over one jitted step: a scanned rollout compiles longer."""
+    training tests. A host loop over one jitted step: a scanned rollout compiles longer.
+
+    Every step is also taken from the state's compact form (``Env.compact``, what the
+    training loop carries) expanded again: the same compiled step must give the same bits,
+    so the step reads nothing but ``STEP_INPUTS`` and the task's ``before_fields``."""
     batch = 3 if name == "InvertedPendulum" else None
     horizon, limit = 12, 5
-    env = envs.AutoReset(envs.TimeLimit(envs.make(name), episode_length=limit))
+    base = envs.make(name)
+    env = envs.AutoReset(envs.TimeLimit(base, episode_length=limit))
+    round_trip = lambda data: base.expand(base.compact(data))  # noqa: E731
     if batch:
         env = envs.VmapEnv(env, batch)
+        round_trip = jax.vmap(round_trip)
     lead = (batch,) if batch else ()
     step = jax.jit(env.step)
     state = jax.jit(env.reset)(jax.random.key(1))
@@ -140,7 +154,12 @@ def test_jit_rollout_and_auto_reset(name):
     traj, starts = [], [np.asarray(state.obs)]
     for _ in range(horizon):
         action = rng.uniform(env.action_low, env.action_high, (*lead, env.action_size))
-        state = step(state, action.astype(np.float32))
+        action = action.astype(np.float32)
+        from_compact = step(state.replace(data=round_trip(state.data)), action)
+        state = step(state, action)
+        for got, want in zip(jax.tree.leaves(from_compact), jax.tree.leaves(state), strict=True):
+            if not jnp.issubdtype(want.dtype, jax.dtypes.prng_key):
+                np.testing.assert_array_equal(got, want)
         traj.append(jax.tree.map(np.asarray, state.replace(key=jax.random.key_data(state.key))))
     traj = jax.tree.map(lambda *xs: np.stack(xs), *traj)
     obs_size = env.observation_size
