@@ -8,8 +8,9 @@ optimizer states). Three
 levels, each short:
 
 * ``update(state, key)``: one SAC gradient update (v1 or v2) of one member;
-* ``train_step(state)``: every member acts on all its envs, steps them and inserts
-  (``collect``, vmapped), then ``updates_per_step`` updates (vmapped) once the buffers
+* ``train_step(state)``: every member acts on all its envs (``act``, vmapped), all
+  members' envs step as one batch (``all_envs``), every member inserts (``record``),
+  then ``updates_per_step`` updates (vmapped) once the buffers
   hold ``learning_starts`` transitions (by default the warm-up's);
 * ``train_chunk = jit(scan(train_step))``: ``steps_per_chunk`` train steps without
   leaving the device. The host sees the ``TrainState`` only between chunks.
@@ -355,18 +356,24 @@ class Trainer:
 
     # ---- level 2: one step of every env of every member, then the updates ---------------------
 
-    def collect(self, state: TrainState) -> tuple[TrainState, dict]:
-        """One member acts on all its envs (uniform random actions during the warm-up),
-        steps them and inserts the transitions."""
-        c = self.config
+    def act(self, state: TrainState) -> tuple[jax.Array, jax.Array]:
+        """One member's actions on all its envs (uniform random during the warm-up) and
+        its next key."""
         key, k_policy, k_random = jax.random.split(state.key, 3)
         obs = state.env_state.obs
         mean, log_std = self.actor.apply(state.actor, obs_norm.normalize(state.normalizer, obs))
         policy_action, _ = sample_action(mean, log_std, k_policy)
         random_action = jax.random.uniform(k_random, policy_action.shape, minval=-1, maxval=1)
-        warming_up = state.env_steps < c.warmup_steps
-        action = jnp.where(warming_up, random_action, policy_action)
-        env_state = self.train_env.step(state.env_state, scale_action(self.env, action))
+        warming_up = state.env_steps < self.config.warmup_steps
+        return jnp.where(warming_up, random_action, policy_action), key
+
+    def record(
+        self, state: TrainState, action: jax.Array, env_state: envs.State, key: jax.Array
+    ) -> tuple[TrainState, dict]:
+        """One member's step after its envs moved to ``env_state``: insert the
+        transitions, update the normalizer and the episode returns."""
+        c = self.config
+        obs = state.env_state.obs
         rows = Transition(
             obs=obs,
             action=action,
@@ -392,7 +399,9 @@ class Trainer:
 
     def train_step(self, state: TrainState, _: Any = None) -> tuple[TrainState, dict]:
         c = self.config
-        state, metrics = jax.vmap(self.collect)(state)
+        action, key = jax.vmap(self.act)(state)
+        env_state = all_envs(self.train_env.step, state.env_state, scale_action(self.env, action))
+        state, metrics = jax.vmap(self.record)(state, action, env_state, key)
         if c.updates_per_step == 0:  # data collection only (throughput benchmarks)
             return state, {**metrics, "updated": jnp.zeros_like(metrics["reward"])}
         # Updates start once the buffer holds ``update_start`` transitions (after a resume
@@ -462,7 +471,7 @@ class Trainer:
         def step(carry):
             state, returns, lengths, alive = carry
             action = jax.vmap(act)(actor, normalizer, state.obs)
-            state = jax.vmap(self.eval_env.step)(state, action)
+            state = all_envs(self.eval_env.step, state, action)
             returns = returns + jnp.where(alive, state.reward, 0.0)
             lengths = lengths + alive
             alive = alive & ~(state.terminated | state.truncated)
@@ -475,6 +484,18 @@ class Trainer:
 _jit_init = jax.jit(Trainer._init, static_argnums=0)
 _jit_train_chunk = jax.jit(Trainer._train_chunk, static_argnums=0, donate_argnums=1)
 _jit_evaluate = jax.jit(Trainer._evaluate, static_argnums=0)
+
+
+def all_envs(step: Any, state: envs.State, action: jax.Array) -> envs.State:
+    """``step`` (a ``VmapEnv``'s) on every member's envs as one batch: the member and
+    env axes are merged and split again. Per env the same arithmetic as a vmap over the
+    members of the vmapped step, but that nests two batch axes around the physics, which
+    ran it at half the env steps/s on the CPU (HalfCheetah, 128 envs: 2,746 against
+    5,099) and made vmap batch the physics' program twice while tracing."""
+    members, per_member = action.shape[:2]
+    merge = lambda x: x.reshape(members * per_member, *x.shape[2:])  # noqa: E731
+    stepped = step(jax.tree.map(merge, state), merge(action))
+    return jax.tree.map(lambda x: x.reshape(members, per_member, *x.shape[1:]), stepped)
 
 
 def default_device() -> jax.Device:

@@ -147,6 +147,7 @@ def test_jit_rollout_and_auto_reset(name):
     if batch:
         env = envs.VmapEnv(env, batch)
         round_trip = jax.vmap(round_trip)
+    round_trip = jax.jit(round_trip)  # device arrays like the step's: no second compile
     lead = (batch,) if batch else ()
     step = jax.jit(env.step)
     state = jax.jit(env.reset)(jax.random.key(1))
