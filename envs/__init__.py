@@ -12,7 +12,6 @@ import importlib
 from envs.base import Env, PhysicsOptions, State, scale_action
 from envs.wrappers import (
     AutoReset,
-    Compact,
     TimeLimit,
     VmapEnv,
     Wrapper,
@@ -87,7 +86,6 @@ def make(name: str, **overrides) -> Env:
 __all__ = [
     "NAMES",
     "AutoReset",
-    "Compact",
     "Env",
     "PhysicsOptions",
     "State",

@@ -1,5 +1,4 @@
-"""The wrappers: time limit, auto-reset (keeping the terminal observation), compact
-states, vmap."""
+"""The three wrappers: time limit, auto-reset (keeping the terminal observation), vmap."""
 
 from __future__ import annotations
 
@@ -7,7 +6,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from envs.base import Env, State
 
@@ -72,28 +70,6 @@ class AutoReset(Wrapper):
         )
 
 
-class Compact(Wrapper):
-    """Keeps only what the next step reads of each state's ``Data`` (``Env.compact``):
-    a loop over env steps then carries a few arrays per env instead of every computed
-    field. Outermost but for ``VmapEnv``; the wrapped envs see full ``Data``."""
-
-    def reset(self, key: jax.Array) -> State:
-        state = self.env.reset(key)
-        return state.replace(data=self.unwrapped.compact(state.data))
-
-    def step(self, state: State, action: jax.Array) -> State:
-        env = self.unwrapped
-        full = env.expand(state.data)
-        # Under vmap the fields ``expand`` takes from ``make_data`` are unbatched, and the
-        # physics loop's carry would start half batched: vmap would then batch its body
-        # three times to find that all of it varies. A select on a batched predicate
-        # batches them (``lax.select``: ``jnp.where`` returns zero-size arrays untouched).
-        batched = state.steps >= 0
-        full = jax.tree.map(lambda x: lax.select(jnp.broadcast_to(batched, x.shape), x, x), full)
-        state = self.env.step(state.replace(data=full), action)
-        return state.replace(data=env.compact(state.data))
-
-
 class VmapEnv(Wrapper):
     """Runs ``num_envs`` independent copies: states and actions gain a leading axis."""
 
@@ -119,6 +95,5 @@ def desynchronize(state: State, key: jax.Array, episode_length: int) -> State:
 
 
 def wrap(env: Env, num_envs: int, episode_length: int | None = None) -> VmapEnv:
-    """The training stack: ``num_envs`` auto-resetting copies with a time limit, their
-    states compact."""
-    return VmapEnv(Compact(AutoReset(TimeLimit(env, episode_length))), num_envs)
+    """The training stack: ``num_envs`` auto-resetting copies with a time limit."""
+    return VmapEnv(AutoReset(TimeLimit(env, episode_length)), num_envs)

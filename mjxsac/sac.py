@@ -9,7 +9,7 @@ levels, each short:
 
 * ``update(state, key)``: one SAC gradient update (v1 or v2) of one member;
 * ``train_step(state)``: every member acts on all its envs (``act``, vmapped), all
-  members' envs step as one batch (``all_envs``), every member inserts (``record``),
+  members' envs step as one batch (``step_envs``), every member inserts (``record``),
   then ``updates_per_step`` updates (vmapped) once the buffers
   hold ``learning_starts`` transitions (by default the warm-up's);
 * ``train_chunk = jit(scan(train_step))``: ``steps_per_chunk`` train steps without
@@ -112,9 +112,7 @@ class Trainer:
         c = config
         self.env = envs.make(c.env, **c.env_kwargs())
         self.train_env = envs.wrap(self.env, c.num_envs, c.episode_length)
-        self.eval_env = envs.VmapEnv(
-            envs.Compact(envs.TimeLimit(self.env, c.episode_length)), c.eval_envs
-        )
+        self.eval_env = envs.VmapEnv(envs.TimeLimit(self.env, c.episode_length), c.eval_envs)
         self.obs_size, self.action_size = self.env.observation_size, self.env.action_size
         hidden, dtype = tuple(c.hidden_sizes), c.compute_dtype
         self.actor = Actor(hidden, self.action_size, c.activation, c.log_std_min, c.log_std_max,
@@ -224,6 +222,7 @@ class Trainer:
         c = self.config
         k_actor, k_critic, k_value, k_env, key = jax.random.split(key, 5)
         env_state = self.train_env.reset(k_env)
+        env_state = env_state.replace(data=self.env.compact(env_state.data))
         if c.desync_episodes:
             key, k_desync = jax.random.split(key)
             env_state = envs.desynchronize(env_state, k_desync, c.episode_length)
@@ -400,7 +399,7 @@ class Trainer:
     def train_step(self, state: TrainState, _: Any = None) -> tuple[TrainState, dict]:
         c = self.config
         action, key = jax.vmap(self.act)(state)
-        env_state = all_envs(self.train_env.step, state.env_state, scale_action(self.env, action))
+        env_state = self.step_envs(self.train_env, state.env_state, scale_action(self.env, action))
         state, metrics = jax.vmap(self.record)(state, action, env_state, key)
         if c.updates_per_step == 0:  # data collection only (throughput benchmarks)
             return state, {**metrics, "updated": jnp.zeros_like(metrics["reward"])}
@@ -410,6 +409,25 @@ class Trainer:
         ready = state.buffer.size[0] >= c.update_start
         state, update_metrics = jax.lax.cond(ready, self._member_updates, self._no_updates, state)
         return state, {**metrics, **update_metrics}
+
+    def step_envs(self, stack: envs.VmapEnv, state: envs.State, action: jax.Array) -> envs.State:
+        """One step of every member's envs, ``stack`` (the training or evaluation envs)
+        on compact states, (member, env, ...), as one batch: the member and env axes
+        merged, each env's ``Data`` expanded (``Env.expand``), stepped, compacted
+        (``Env.compact``, see docs/DESIGN.md) and the axes split again.
+
+        Per env the same arithmetic as a vmap over the members of the vmapped step, but
+        that nests two batch axes around the physics, which ran it at half the env
+        steps/s on the CPU (HalfCheetah, 128 envs: 2,746 against 5,099) and made vmap
+        batch the physics' program once per level while tracing. Expanding under vmap
+        gives every field a batch axis, so the physics loop's carry is batched from its
+        start (else vmap batches the loop's body three times while tracing)."""
+        members, per_member = action.shape[:2]
+        merge = lambda x: x.reshape(members * per_member, *x.shape[2:])  # noqa: E731
+        state = jax.tree.map(merge, state)
+        state = stack.step(state.replace(data=jax.vmap(self.env.expand)(state.data)), merge(action))
+        state = state.replace(data=self.env.compact(state.data))
+        return jax.tree.map(lambda x: x.reshape(members, per_member, *x.shape[1:]), state)
 
     def _member_updates(self, state: TrainState) -> tuple[TrainState, dict]:
         """Every member's updates, vmapped. The update count (every member has made the
@@ -458,6 +476,7 @@ class Trainer:
         by member (the counters start as constants, then the condition varies too),
         which made tracing evaluation cost more than tracing the train chunk."""
         state = jax.vmap(self.eval_env.reset)(keys)
+        state = state.replace(data=self.env.compact(state.data))
         shape = (keys.shape[0], self.config.eval_envs)
         carry = (state, jnp.zeros(shape), jnp.zeros(shape, jnp.int32), jnp.ones(shape, bool))
 
@@ -471,7 +490,7 @@ class Trainer:
         def step(carry):
             state, returns, lengths, alive = carry
             action = jax.vmap(act)(actor, normalizer, state.obs)
-            state = all_envs(self.eval_env.step, state, action)
+            state = self.step_envs(self.eval_env, state, action)
             returns = returns + jnp.where(alive, state.reward, 0.0)
             lengths = lengths + alive
             alive = alive & ~(state.terminated | state.truncated)
@@ -484,18 +503,6 @@ class Trainer:
 _jit_init = jax.jit(Trainer._init, static_argnums=0)
 _jit_train_chunk = jax.jit(Trainer._train_chunk, static_argnums=0, donate_argnums=1)
 _jit_evaluate = jax.jit(Trainer._evaluate, static_argnums=0)
-
-
-def all_envs(step: Any, state: envs.State, action: jax.Array) -> envs.State:
-    """``step`` (a ``VmapEnv``'s) on every member's envs as one batch: the member and
-    env axes are merged and split again. Per env the same arithmetic as a vmap over the
-    members of the vmapped step, but that nests two batch axes around the physics, which
-    ran it at half the env steps/s on the CPU (HalfCheetah, 128 envs: 2,746 against
-    5,099) and made vmap batch the physics' program twice while tracing."""
-    members, per_member = action.shape[:2]
-    merge = lambda x: x.reshape(members * per_member, *x.shape[2:])  # noqa: E731
-    stepped = step(jax.tree.map(merge, state), merge(action))
-    return jax.tree.map(lambda x: x.reshape(members, per_member, *x.shape[1:]), stepped)
 
 
 def default_device() -> jax.Device:

@@ -163,17 +163,17 @@ def test_update_start():
 def truncations(trainer: Trainer, steps: int):
     """A function of a TrainState: its members' envs' truncation flags over ``steps``
     steps with zero actions, (member, step, env)."""
-    env = trainer.train_env
-    action = scale_action(trainer.env, jnp.zeros((env.num_envs, trainer.action_size)))
+    members, num_envs = trainer.population_size, trainer.config.num_envs
+    action = scale_action(trainer.env, jnp.zeros((members, num_envs, trainer.action_size)))
 
-    def member(env_state):
-        def step(s, _):
-            s = env.step(s, action)
-            return s, s.truncated
+    def step(s, _):
+        s = trainer.step_envs(trainer.train_env, s, action)
+        return s, s.truncated
 
-        return jax.lax.scan(step, env_state, None, length=steps)[1]
+    def run(state):
+        return jnp.swapaxes(jax.lax.scan(step, state.env_state, None, length=steps)[1], 0, 1)
 
-    return jax.jit(lambda state: jax.vmap(member)(state.env_state))
+    return jax.jit(run)
 
 
 def test_desynchronized_episodes_truncate_on_many_steps():

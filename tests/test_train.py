@@ -14,8 +14,10 @@ import jax
 import numpy as np
 import pytest
 
+from envs.base import STEP_INPUTS
 from mjxsac import presets
 from mjxsac import train as train_cli
+from mjxsac.checkpoint import state_shapes
 from mjxsac.config import Config
 from mjxsac.runlog import RunDir
 from mjxsac.sac import Trainer, chunk_summaries, env_steps, run_keys, seed_key
@@ -125,6 +127,17 @@ def test_the_parallel_recipe_learns_inverted_pendulum(tmp_path):
     saved = json.loads((run_dir / "config.json").read_text())
     assert (saved["critic"], saved["compute_dtype"], saved["policy_delay"], saved["n_step"]) == (
         "c51", "bfloat16", 2, 3)  # fmt: skip
+
+
+def test_env_states_are_carried_compact():
+    """The TrainState holds only what the next step reads of each env's ``Data``
+    (Ant also keeps the torso's position for its velocity reward), and evaluation's
+    env loop carries the same."""
+    trainer = Trainer(Config(env="Ant", num_envs=2, eval_envs=2, buffer_size=1_000,
+                             batch_size=16, warmup_steps=100, hidden_sizes=(8,)))  # fmt: skip
+    want = set(STEP_INPUTS) | {"xpos"}
+    data = state_shapes(trainer).env_state.data
+    assert {f.name for f in dataclasses.fields(data) if getattr(data, f.name) is not None} == want
 
 
 def test_updates_off_collects_data_only():
