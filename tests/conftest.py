@@ -1,4 +1,5 @@
-"""Shared test setup: headless rendering through EGL, quiet libraries, a compile counter."""
+"""Shared test setup: headless rendering through EGL, quiet libraries, a compile counter,
+a checkpoint round trip."""
 
 from __future__ import annotations
 
@@ -29,3 +30,27 @@ def compile_count():
     event also fires for a program loaded from a persistent cache, which tests leave off
     unless they ask for one)."""
     return lambda: len(COMPILES)
+
+
+@pytest.fixture
+def checkpoint_round_trip(tmp_path):
+    """A callable: save a TrainState with its buffer under ``tmp_path``, restore it for
+    a trainer, assert the restored state equals ``expected`` (default: the saved state)
+    leaf for leaf, and return it."""
+    import numpy as np
+
+    from mjxsac.checkpoint import Checkpoints
+
+    def round_trip(state, trainer, expected=None):
+        writer = Checkpoints(tmp_path / "checkpoints", async_save=False)
+        writer.save(state, trainer.config, save_buffer=True)
+        writer.close()
+        restored = Checkpoints(tmp_path / "checkpoints", read_only=True).restore(trainer)
+        want = state if expected is None else expected
+        same = jax.tree.map(
+            lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), want, restored
+        )
+        assert all(jax.tree.leaves(same))
+        return restored
+
+    return round_trip

@@ -21,7 +21,7 @@ import pytest
 
 from mjxsac import presets
 from mjxsac import train as train_cli
-from mjxsac.checkpoint import Checkpoints, state_shapes
+from mjxsac.checkpoint import state_shapes
 from mjxsac.sac import Trainer, chunk_summaries, injected
 
 pytestmark = pytest.mark.xdist_group("recipe")
@@ -189,7 +189,9 @@ def test_adamw_settings_are_per_member_data():
                zip(jax.tree.leaves(ours), jax.tree.leaves(raw), strict=True)) > 1e-5  # fmt: skip
 
 
-def test_varied_weight_decay_does_not_recompile_and_set_data_applies_it(compile_count, tmp_path):
+def test_varied_weight_decay_does_not_recompile_and_set_data_applies_it(
+    compile_count, checkpoint_round_trip
+):
     """``--vary weight_decay=...`` from the command line; other values (and betas) reuse
     the compiled chunk; ``set_data`` (a resume) applies changed values, and a checkpoint
     of these states (clipped optimizer chains) restores."""
@@ -216,12 +218,7 @@ def test_varied_weight_decay_does_not_recompile_and_set_data_applies_it(compile_
         hp = injected(opt).hyperparams
         np.testing.assert_allclose(hp["weight_decay"], [0.003, 0.03], rtol=1e-6)
         np.testing.assert_allclose(hp["b2"], [0.9, 0.9], rtol=1e-6)
-    ckpt = Checkpoints(tmp_path / "checkpoints", async_save=False)
-    ckpt.save(state, other.config, save_buffer=True)
-    ckpt.close()
-    restored = Checkpoints(tmp_path / "checkpoints", read_only=True).restore(other)
-    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), state, restored)
-    assert all(jax.tree.leaves(same))
+    checkpoint_round_trip(state, other)
 
 
 @pytest.mark.parametrize("algo", ["sac-v2", "sac-v1"])

@@ -87,7 +87,7 @@ def test_resume_with_buffer_continues_exactly(trained, tmp_path):
     assert metrics_without_times(run_dir) == metrics_without_times(trained)
 
 
-def test_checkpoint_with_full_env_data_restores_compact(trained, tmp_path):
+def test_checkpoint_with_full_env_data_restores_compact(trained, checkpoint_round_trip):
     """A checkpoint written before env states were compact (every ``Data`` field of
     every env) restores into today's compact state, dropping only what no step reads."""
     ckpt = Checkpoints(trained / "checkpoints", read_only=True)
@@ -95,12 +95,7 @@ def test_checkpoint_with_full_env_data_restores_compact(trained, tmp_path):
     state = ckpt.restore(trainer)
     expand = jax.vmap(jax.vmap(trainer.env.expand))
     old = state.replace(env_state=state.env_state.replace(data=expand(state.env_state.data)))
-    writer = Checkpoints(tmp_path / "checkpoints", async_save=False)
-    writer.save(old, trainer.config, save_buffer=True)
-    writer.close()
-    restored = Checkpoints(tmp_path / "checkpoints", read_only=True).restore(trainer)
-    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), state, restored)
-    assert all(jax.tree.leaves(same))
+    restored = checkpoint_round_trip(old, trainer, expected=state)
     assert restored.env_state.data.xpos is None and old.env_state.data.xpos is not None
 
 
