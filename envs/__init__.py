@@ -10,14 +10,7 @@ from __future__ import annotations
 import importlib
 
 from envs.base import Env, PhysicsOptions, State, scale_action
-from envs.wrappers import (
-    AutoReset,
-    TimeLimit,
-    VmapEnv,
-    Wrapper,
-    desynchronize,
-    wrap,
-)
+from envs.wrappers import AutoReset, TimeLimit, VmapEnv, Wrapper, desynchronize, wrap
 
 _MODULES = {
     "InvertedPendulum": "envs.inverted_pendulum",

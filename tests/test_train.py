@@ -131,8 +131,7 @@ def test_the_parallel_recipe_learns_inverted_pendulum(tmp_path):
 
 def test_env_states_are_carried_compact():
     """The TrainState holds only what the next step reads of each env's ``Data``
-    (Ant also keeps the torso's position for its velocity reward), and evaluation's
-    env loop carries the same."""
+    (Ant also keeps the torso's position for its velocity reward)."""
     trainer = Trainer(Config(env="Ant", num_envs=2, eval_envs=2, buffer_size=1_000,
                              batch_size=16, warmup_steps=100, hidden_sizes=(8,)))  # fmt: skip
     want = set(STEP_INPUTS) | {"xpos"}
