@@ -22,7 +22,10 @@ pytestmark = pytest.mark.xdist_group("compile-cache")
 ROOT = Path(__file__).parent.parent
 SMALL = ["--env", "InvertedPendulum", "--preset", "cpu", "--hidden-sizes", "32", "32",
          "--total-steps", "2000", "--warmup-steps", "500", "--eval-envs", "2"]  # fmt: skip
-SUMMARY = re.compile(r"compilation cache (.+): (\d+) programs loaded, (\d+) compiled")
+SUMMARY = re.compile(
+    r"compilation cache (.+): (\d+) programs loaded, (\d+) compiled; "
+    r"traced programs: (\d+) loaded, (\d+) traced"
+)
 # A change of the code: the target networks move at twice the rate (a different program).
 PATCHED = (
     "import sys; import mjxsac.sac as sac; polyak = sac.polyak;"
@@ -48,7 +51,8 @@ def run(home: Path, run_dir: Path, *extra: str, patched: bool = False) -> dict:
     match = SUMMARY.search(done.stderr)
     if match is None:
         return {"off": "compilation cache off" in done.stderr, "stderr": done.stderr}
-    return {"dir": Path(match[1]), "loaded": int(match[2]), "compiled": int(match[3])}
+    return {"dir": Path(match[1]), "loaded": int(match[2]), "compiled": int(match[3]),
+            "traces_loaded": int(match[4]), "traced": int(match[5])}  # fmt: skip
 
 
 def cache_files(home: Path) -> list[Path]:
@@ -56,26 +60,40 @@ def cache_files(home: Path) -> list[Path]:
     return [p for p in home.rglob("*-cache") if p.is_file()]
 
 
+def traced_files(home: Path) -> list[Path]:
+    """Traced programs kept under ``home`` (``mjxsac.traced``)."""
+    return list(home.rglob("*.exported"))
+
+
 def test_second_process_loads_everything_and_changes_compile_anew(tmp_path):
     home = tmp_path / "home"
     first = run(home, tmp_path / "a", "--seed", "0")
     assert first["dir"] == home / ".cache" / "mjxsac" / "jax", "the XDG default"
     assert first["loaded"] == 0 and first["compiled"] > 0
+    # The three programs (init, train chunk, evaluation) are traced and kept.
+    assert first["traced"] == 3 and first["traces_loaded"] == 0
     entries = cache_files(first["dir"])
     assert len(entries) >= first["compiled"]
+    assert len(traced_files(first["dir"])) == 3
 
-    # Same shapes, another seed: every program comes from the cache.
+    # Same shapes, another seed: every program comes from the cache, traced ones too.
     second = run(home, tmp_path / "b", "--seed", "1")
     assert second["compiled"] == 0 and second["loaded"] == first["compiled"]
+    assert second["traced"] == 0 and second["traces_loaded"] == 3
 
     # Another batch size: the train chunk compiles anew (and trains, checked in run);
-    # evaluation and initialization, whose programs do not depend on it, are loaded.
+    # evaluation and initialization, whose programs do not depend on it, are loaded once
+    # traced. A traced program's key holds the whole config (which fields a program reads
+    # is only known by tracing it), so all three are traced anew.
     other = run(home, tmp_path / "c", "--seed", "1", "--batch-size", "128")
     assert other["compiled"] >= 1 and other["loaded"] >= 1
+    assert other["traced"] == 3 and other["traces_loaded"] == 0
 
-    # A change of the code that changes a program is a miss, never the stale program.
+    # A change of the code (made at run time, the files are the same) is a miss for the
+    # traced programs and the executables that it changes, never the stale program.
     patched = run(home, tmp_path / "d", "--seed", "1", patched=True)
     assert patched["compiled"] >= 1 and patched["loaded"] >= 1
+    assert patched["traced"] == 3 and patched["traces_loaded"] == 0
     assert len(cache_files(first["dir"])) > len(entries)
 
 
@@ -85,6 +103,7 @@ def test_compile_cache_off_writes_no_cache(tmp_path):
     report = run(home, tmp_path / "run", "--compile-cache", "off")
     assert report.get("off"), report
     assert cache_files(home) == [] and not (home / ".cache" / "mjxsac").exists()
+    assert traced_files(home) == []
 
 
 def test_option_and_directory(monkeypatch, tmp_path):
@@ -121,3 +140,72 @@ def test_bench_compile_times_the_first_update_itself():
     assert config.update_start >= config.batch_size
     chosen = make_config("Hopper", "sac-v2", "parallel", 0, [*CPU_SCALE, "warmup_steps=256"])
     assert first_update_at_chunk_end(chosen, ["warmup_steps=256"]).update_start == 256
+
+
+def test_a_loaded_traced_program_runs_like_jit(tmp_path):
+    """Initialization, a train chunk (updates included) and an evaluation, run through
+    traced programs as a first process keeps them and as a second one loads them, give
+    jit's bits."""
+    import jax
+
+    from mjxsac import traced
+    from mjxsac.config import Config
+    from mjxsac.sac import Trainer
+
+    trainer = Trainer(Config(env="InvertedPendulum", num_envs=4, eval_envs=2, batch_size=32,
+                             buffer_size=1_000, hidden_sizes=(16, 16), steps_per_chunk=8,
+                             warmup_steps=16, updates_per_step=2))  # fmt: skip
+
+    def run_all() -> list:
+        init = traced.Program(Trainer._init)
+        chunk = traced.Program(Trainer._train_chunk, donate=True)
+        evaluate = traced.Program(Trainer._evaluate)
+        state = init(trainer, *trainer.init_args())
+        state, metrics = chunk(trainer, state)
+        returns = evaluate(trainer, state.actor, state.normalizer, trainer.eval_keys(0))
+        assert int(state.updates[0]) > 0
+        return [np.asarray(x) for x in jax.tree.leaves((state, metrics, returns))]
+
+    try:
+        traced.configure(None)
+        reference = run_all()
+        traced.configure(tmp_path)
+        kept, loaded = len(traced.traced), len(traced.loaded)
+        first = run_all()
+        assert len(traced.traced) - kept == 3 and len(traced.loaded) == loaded
+        assert len(list(tmp_path.glob("*.exported"))) == 3
+        second = run_all()
+        assert len(traced.loaded) - loaded == 3 and len(traced.traced) - kept == 3
+    finally:
+        traced.configure(None)
+    for result in (first, second):
+        assert len(result) == len(reference)
+        for a, b in zip(result, reference, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_traced_program_key_follows_the_code(monkeypatch):
+    """The code digest in a traced program's key changes with a function replaced at run
+    time, a class attribute, a JAX setting; run-time data (counters) leaves it alone."""
+    import jax
+
+    import envs
+    from mjxsac import sac, traced
+
+    ant = envs.make("Ant").__class__  # imported first: the walk covers imported modules
+    base = traced.code_digest()
+    assert traced.code_digest() == base
+    monkeypatch.setattr(traced, "loaded", ["not code"])
+    assert traced.code_digest() == base
+    changes = [
+        (sac, "polyak", lambda target, online, tau: target),
+        (sac.Trainer, "_updates", lambda self, state, count: (state, {})),
+        (ant, "frame_skip", 4),
+    ]
+    for owner, name, value in changes:
+        with monkeypatch.context() as patch:
+            patch.setattr(owner, name, value)
+            assert traced.code_digest() != base, name
+        assert traced.code_digest() == base
+    with jax.default_matmul_precision("highest"):
+        assert traced.code_digest() != base
