@@ -199,14 +199,15 @@ def _load(path: Path):
 
 
 def _save(path: Path, exported, out_tree) -> None:
-    """Keep a traced program; a directory that cannot be written only costs the next
-    process its tracing."""
+    """Keep a traced program; failing to (a directory that cannot be written) only costs
+    the next process its tracing."""
     try:
+        blob = pickle.dumps((bytes(exported.serialize()), out_tree))
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.{os.getpid()}")
-        partial.write_bytes(pickle.dumps((bytes(exported.serialize()), out_tree)))
+        partial.write_bytes(blob)
         partial.replace(path)  # atomic: a reader sees the whole file or none
-    except OSError:
+    except Exception:  # a full disk, an unpicklable tree: the next process traces
         pass
 
 
@@ -237,8 +238,7 @@ def code_digest() -> str:
             if path.suffix in (".py", ".xml") and "__pycache__" not in path.parts:
                 h.update(str(path.relative_to(root.parent)).encode() + path.read_bytes())
     digest = _Digest(h)
-    for name in sorted(sys.modules):
-        module = sys.modules[name]
+    for name, module in sorted(list(sys.modules.items()), key=lambda item: item[0]):
         if name.split(".")[0] in OWN or name == "__main__" or not digest.library(module):
             h.update(name.encode())
             for key, value in sorted(vars(module).items()):
@@ -264,9 +264,8 @@ def _library_roots() -> tuple[str, ...]:
 
 class _Digest:
     """Feeds a hash what a value contributes to a traced program: a function's code,
-    constants, defaults and closure; a class's attributes; an immutable container's
-    items; a mutable container's code only (its data is run-time state); an array's
-    bytes; a dataclass's fields. A library's functions, classes and modules contribute
+    constants, defaults and closure; a class's attributes; a container's items; an
+    array's bytes; a dataclass's fields. A library's functions, classes and modules contribute
     only their names: their versions are in the key."""
 
     def __init__(self, h) -> None:
@@ -309,23 +308,15 @@ class _Digest:
             down((value.fget, value.fset))
         elif isinstance(value, functools.partial):
             down((value.func, value.args, value.keywords))
-        elif isinstance(value, (tuple, frozenset)):
-            items = sorted(value, key=repr) if isinstance(value, frozenset) else value
+        elif isinstance(value, (tuple, list, set, frozenset)):
+            items = sorted(value, key=_order) if isinstance(value, (set, frozenset)) else value
             h.update(f"{type(value).__name__}{len(items)}".encode())
             for item in items:
                 down(item)
         elif isinstance(value, dict):
-            for key, item in sorted(value.items(), key=lambda kv: repr(kv[0])):
-                if _is_code(item):
-                    h.update(repr(key).encode())
-                    down(item)
-        elif isinstance(value, (list, set)):
-            code = [item for item in value if _is_code(item)]
-            if isinstance(value, set):  # in a stable order
-                code.sort(
-                    key=lambda f: f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', '')}"
-                )
-            for item in code:
+            h.update(f"dict{len(value)}".encode())
+            for key, item in sorted(value.items(), key=lambda kv: _order(kv[0])):
+                down(key)
                 down(item)
         elif isinstance(value, (np.ndarray, jax.Array)):
             array = np.asarray(value)
@@ -334,6 +325,13 @@ class _Digest:
             down(type(value))
             if dataclasses.is_dataclass(value):
                 down(tuple(getattr(value, f.name) for f in dataclasses.fields(value)))
+
+
+def _order(value: Any) -> str:
+    """A sort key that is the same in every process (a set's order is not)."""
+    if _is_code(value):
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', '')}"
+    return repr(value)
 
 
 def _code(code: types.CodeType, h) -> None:

@@ -143,9 +143,10 @@ def test_bench_compile_times_the_first_update_itself():
 
 
 def test_a_loaded_traced_program_runs_like_jit(tmp_path):
-    """Initialization, a train chunk (updates included) and an evaluation, run through
-    traced programs as a first process keeps them and as a second one loads them, give
-    jit's bits."""
+    """Initialization, a train chunk (updates included) and an evaluation, traced and
+    kept as a first process keeps them, then loaded and run as a second one runs them,
+    give jit's bits. (A first process runs the same call to the same exported program;
+    the process test above checks that it trains.)"""
     import jax
 
     from mjxsac import traced
@@ -156,10 +157,16 @@ def test_a_loaded_traced_program_runs_like_jit(tmp_path):
                              buffer_size=1_000, hidden_sizes=(16, 16), steps_per_chunk=8,
                              warmup_steps=16, updates_per_step=2))  # fmt: skip
 
-    def run_all() -> list:
+    def run_all(trace_only: bool = False) -> list:
         init = traced.Program(Trainer._init)
         chunk = traced.Program(Trainer._train_chunk, donate=True)
         evaluate = traced.Program(Trainer._evaluate)
+        if trace_only:  # what a first process keeps, without compiling it here again
+            state = jax.eval_shape(lambda: Trainer._init(trainer, *trainer.init_args()))
+            init.trace(trainer, *trainer.init_args())
+            chunk.trace(trainer, state)
+            evaluate.trace(trainer, state.actor, state.normalizer, trainer.eval_keys(0))
+            return []
         state = init(trainer, *trainer.init_args())
         state, metrics = chunk(trainer, state)
         returns = evaluate(trainer, state.actor, state.normalizer, trainer.eval_keys(0))
@@ -171,22 +178,22 @@ def test_a_loaded_traced_program_runs_like_jit(tmp_path):
         reference = run_all()
         traced.configure(tmp_path)
         kept, loaded = len(traced.traced), len(traced.loaded)
-        first = run_all()
+        run_all(trace_only=True)
         assert len(traced.traced) - kept == 3 and len(traced.loaded) == loaded
         assert len(list(tmp_path.glob("*.exported"))) == 3
-        second = run_all()
+        result = run_all()
         assert len(traced.loaded) - loaded == 3 and len(traced.traced) - kept == 3
     finally:
         traced.configure(None)
-    for result in (first, second):
-        assert len(result) == len(reference)
-        for a, b in zip(result, reference, strict=True):
-            np.testing.assert_array_equal(a, b)
+    assert len(result) == len(reference)
+    for a, b in zip(result, reference, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_traced_program_key_follows_the_code(monkeypatch):
-    """The code digest in a traced program's key changes with a function replaced at run
-    time, a class attribute, a JAX setting; run-time data (counters) leaves it alone."""
+    """The code digest in a traced program's key changes with a function or method
+    replaced at run time, a class attribute (a number, a dict's item), a JAX setting;
+    module-level run-time data (counters) leaves it alone."""
     import jax
 
     import envs
@@ -201,6 +208,7 @@ def test_traced_program_key_follows_the_code(monkeypatch):
         (sac, "polyak", lambda target, online, tau: target),
         (sac.Trainer, "_updates", lambda self, state, count: (state, {})),
         (ant, "frame_skip", 4),
+        (ant, "solver_defaults", {**ant.solver_defaults, "iterations": 2}),
     ]
     for owner, name, value in changes:
         with monkeypatch.context() as patch:
