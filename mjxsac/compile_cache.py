@@ -139,8 +139,8 @@ class Tally:
 
         _install()
         self._traced = traced
-        self._start = (len(_programs), len(_hits), len(_misses), len(traced.loaded),
-                       len(traced.traced))  # fmt: skip
+        self._start = (len(_programs), len(_hits), len(_misses), len(traced.loaded()),
+                       len(traced.traced()))  # fmt: skip
 
     @property
     def programs(self) -> int:
@@ -161,12 +161,12 @@ class Tally:
     @property
     def traces_loaded(self) -> list[str]:
         """Traced programs loaded from the cache (``mjxsac.traced``)."""
-        return self._traced.loaded[self._start[3] :]
+        return self._traced.loaded()[self._start[3] :]
 
     @property
     def traced(self) -> list[str]:
         """Programs traced (and kept in the cache) in this process."""
-        return self._traced.traced[self._start[4] :]
+        return self._traced.traced()[self._start[4] :]
 
     def counts(self) -> dict:
         seconds = sum(_programs[self._start[0] :])

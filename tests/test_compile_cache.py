@@ -7,11 +7,13 @@ logging), never from timings."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +28,16 @@ SUMMARY = re.compile(
     r"compilation cache (.+): (\d+) programs loaded, (\d+) compiled; "
     r"traced programs: (\d+) loaded, (\d+) traced"
 )
-# A change of the code: the target networks move at twice the rate (a different program).
-PATCHED = (
-    "import sys; import mjxsac.sac as sac; polyak = sac.polyak;"
-    "sac.polyak = lambda target, online, tau: polyak(target, online, 2 * tau);"
+# Every process runs this program: with the patch, a change of the code made at run time
+# (the target networks move at twice the rate), without it the same namespace, so that a
+# key that differs can only have seen the patch.
+PROGRAM = (
+    "import sys; import mjxsac.sac as sac; polyak = sac.polyak; sac.polyak = {};"
     "from mjxsac import train; train.main(sys.argv[1:])"
 )
+PATCHED = PROGRAM.format("lambda target, online, tau: polyak(target, online, 2 * tau)")
+UNPATCHED = PROGRAM.format("polyak")
+HASH_SEEDS = itertools.count(1)  # each process its own: keys must not depend on it
 
 
 def run(home: Path, run_dir: Path, *extra: str, patched: bool = False) -> dict:
@@ -40,9 +46,9 @@ def run(home: Path, run_dir: Path, *extra: str, patched: bool = False) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "MJXSAC_COMPILE_CACHE"}
     path = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env |= {"HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"), "JAX_PLATFORMS": "cpu",
-            "PYTHONPATH": path}  # fmt: skip
-    program = ["-c", PATCHED] if patched else ["-m", "mjxsac.train"]
-    argv = [sys.executable, *program, *SMALL, "--run-dir", str(run_dir), *extra]
+            "PYTHONPATH": path, "PYTHONHASHSEED": str(next(HASH_SEEDS))}  # fmt: skip
+    program = PATCHED if patched else UNPATCHED
+    argv = [sys.executable, "-c", program, *SMALL, "--run-dir", str(run_dir), *extra]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -177,12 +183,12 @@ def test_a_loaded_traced_program_runs_like_jit(tmp_path):
         traced.configure(None)
         reference = run_all()
         traced.configure(tmp_path)
-        kept, loaded = len(traced.traced), len(traced.loaded)
+        kept, loaded = len(traced.traced()), len(traced.loaded())
         run_all(trace_only=True)
-        assert len(traced.traced) - kept == 3 and len(traced.loaded) == loaded
+        assert len(traced.traced()) - kept == 3 and len(traced.loaded()) == loaded
         assert len(list(tmp_path.glob("*.exported"))) == 3
         result = run_all()
-        assert len(traced.loaded) - loaded == 3 and len(traced.traced) - kept == 3
+        assert len(traced.loaded()) - loaded == 3 and len(traced.traced()) - kept == 3
     finally:
         traced.configure(None)
     assert len(result) == len(reference)
@@ -192,9 +198,11 @@ def test_a_loaded_traced_program_runs_like_jit(tmp_path):
 
 def test_traced_program_key_follows_the_code(monkeypatch):
     """The code digest in a traced program's key changes with a function or method
-    replaced at run time, a class attribute (a number, a dict's item), a JAX setting;
-    module-level run-time data (counters) leaves it alone."""
+    replaced at run time (ours or a library's), a class attribute (a number, a dict's
+    item), a constant; run-time state (counters) leaves it alone; JAX's settings are in
+    the key beside it."""
     import jax
+    from mujoco import mjx
 
     import envs
     from mjxsac import sac, traced
@@ -202,18 +210,86 @@ def test_traced_program_key_follows_the_code(monkeypatch):
     ant = envs.make("Ant").__class__  # imported first: the walk covers imported modules
     base = traced.code_digest()
     assert traced.code_digest() == base
-    monkeypatch.setattr(traced, "loaded", ["not code"])
+    monkeypatch.setattr(traced, "_loaded", ["not code"])  # run-time state
     assert traced.code_digest() == base
     changes = [
         (sac, "polyak", lambda target, online, tau: target),
         (sac.Trainer, "_updates", lambda self, state, count: (state, {})),
         (ant, "frame_skip", 4),
         (ant, "solver_defaults", {**ant.solver_defaults, "iterations": 2}),
+        (sac, "ACTOR_METRICS", frozenset()),  # a constant of ours
+        (mjx, "solve", lambda m, d: d),  # a library's function, patched
     ]
     for owner, name, value in changes:
         with monkeypatch.context() as patch:
             patch.setattr(owner, name, value)
             assert traced.code_digest() != base, name
         assert traced.code_digest() == base
+    settings = traced._settings()  # the key's other half of what is not code
     with jax.default_matmul_precision("highest"):
-        assert traced.code_digest() != base
+        assert traced._settings() != settings
+
+
+class Tiny:
+    """A trainer's stand-in for the failure paths: a config identity and one method, a
+    program that compiles in milliseconds."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+        self.config = types.SimpleNamespace(compiled_identity=lambda: ("tiny", scale))
+
+    def __hash__(self) -> int:
+        return hash(self.scale)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Tiny) and other.scale == self.scale
+
+    def _double(self, tree):
+        return {"y": tree["x"] * self.scale}
+
+
+def test_kept_programs_fall_back_to_jit_on_any_damage(tmp_path, monkeypatch, capsys):
+    """A damaged file, a kept program that fails to lower, a directory that cannot be
+    written, a program jax.export refuses: each still runs (through jit's own stages),
+    with the damage removed or a notice, never a failed run."""
+    import jax
+    import jax.numpy as jnp
+
+    from mjxsac import traced
+
+    x = {"x": jnp.arange(3.0)}
+
+    def run(directory) -> list[float]:
+        traced.configure(directory)
+        return np.asarray(traced.Program(Tiny._double)(Tiny(2.0), x)["y"]).tolist()
+
+    try:
+        assert run(tmp_path) == [0.0, 2.0, 4.0] and traced.traced()[-1] == "double"
+        (kept,) = tmp_path.glob("*.exported")
+        loads = len(traced.loaded())
+        assert run(tmp_path) == [0.0, 2.0, 4.0] and len(traced.loaded()) == loads + 1
+
+        kept.write_bytes(b"damaged")  # does not load: traced anew, replaced
+        traces = len(traced.traced())
+        assert run(tmp_path) == [0.0, 2.0, 4.0] and len(traced.traced()) == traces + 1
+        assert kept.read_bytes() != b"damaged"
+
+        with monkeypatch.context() as patch:  # loads, fails to lower: removed, jit's stages
+            patch.setattr(jax.export.Exported, "call", lambda *a, **k: 1 / 0)
+            assert run(tmp_path) == [0.0, 2.0, 4.0]
+        assert not kept.exists() and "traced anew" in capsys.readouterr().err
+
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        assert run(blocker / "traced") == [0.0, 2.0, 4.0]  # cannot be written: runs
+
+        with monkeypatch.context() as patch:  # refused by jax.export: a notice, once
+            patch.setattr(jax.export, "export", lambda *a, **k: 1 / 0)
+            assert run(tmp_path / "refused") == [0.0, 2.0, 4.0]
+            assert "cannot be kept traced" in capsys.readouterr().err
+            assert run(tmp_path / "refused") == [0.0, 2.0, 4.0]
+            assert capsys.readouterr().err == ""
+        assert list((tmp_path / "refused").glob("*.unexportable"))
+        assert not list(tmp_path.glob(".*"))  # no partial file left behind
+    finally:
+        traced.configure(None)
