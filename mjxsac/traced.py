@@ -12,18 +12,22 @@ it holds whatever the Python code computed while tracing. So its key is everythi
 code could have depended on, and any change is a miss that traces anew:
 
 * the program's name, its trainer's ``Config.compiled_identity()`` (what jit's own cache
-  keys on: the config without data hyperparameters and host-only fields) and the
-  arguments' tree structure, shapes and dtypes;
-* the code: every file of ``mjxsac``, ``envs`` and ``launch`` (the task XMLs too), and the
-  live code of every module that is not an installed library, walked function by function
-  (so a function replaced at run time, in our modules or the user's, changes the key);
-* the installed libraries' versions, the Python version, every ``jax.config`` value, the
-  backend and its device kind.
+  keys on: the config without data hyperparameters and host-only fields), the arrays of
+  its env's MJX model, and the arguments' tree structure, shapes, dtypes and weak types;
+* the code: the files of ``mjxsac`` and ``envs`` (the task XMLs too) as they were when
+  this module was imported, and the live code of every module that is not an installed
+  library (ours, the user's), walked function by function and class by class, with our
+  modules' public constants; of a library's module, any function put there from outside
+  a library. So a function, method or constant replaced at run time changes the key;
+* every installed distribution's version, the Python version, every ``jax.config`` value
+  (as the calling thread sees it), the backend and its device kind.
 
 An installed library edited in place without a new version is the one change this cannot
 see (JAX's cache still would, for an executable): ``--compile-cache off`` traces
-everything. A program that cannot be exported (``jax.export`` refuses a few custom calls)
-is traced as usual, with a one-line notice.
+everything. Whatever goes wrong with a kept program (a key that cannot be made, a file
+that does not load, lower or compile, a directory that cannot be written, a program that
+``jax.export`` refuses) falls back to jit's own stages: a damaged file is removed, a
+refusal is remembered (``*.unexportable``) and noticed in one line.
 """
 
 from __future__ import annotations
