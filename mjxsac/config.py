@@ -213,10 +213,6 @@ class Config:
         return max(1, math.ceil(self.total_steps / self.env_steps_per_chunk))
 
     @property
-    def warmup_train_steps(self) -> int:
-        return math.ceil(self.warmup_steps / self.num_envs)
-
-    @property
     def update_start(self) -> int:
         """Transitions the buffer must hold before updates start (``learning_starts``)."""
         if self.learning_starts is None:

@@ -98,6 +98,7 @@ def train(
     ckpt = Checkpoints(run.checkpoints, keep=c.keep_checkpoints)
     state = trainer.init() if state is None else state
     first_chunk = env_steps(state) // c.env_steps_per_chunk
+    updates_before = update_count(state)
     last_saved = ckpt.manager.latest_step()
     start = time.monotonic()
     evaluate = None  # set at the first chunk
@@ -121,7 +122,7 @@ def train(
             base = {
                 "chunk": chunk,
                 "env_steps": env_steps(state),
-                "updates": int(np.asarray(state.updates).reshape(-1)[0]),
+                "updates": update_count(state),
                 "wall_s": round(time.monotonic() - start, 3),
                 "chunk_s": round(seconds, 3),
             }
@@ -155,10 +156,12 @@ def train(
                 last_saved = write(
                     ckpt.save, state, c, c.save_buffer, eval_returns, what="saving a checkpoint"
                 )
+            # The updates this chunk made (none in the warm-up), not the configured rate.
+            made, updates_before = base["updates"] - updates_before, base["updates"]
             progress.update(
                 base["env_steps"],
                 c.env_steps_per_chunk / seconds,
-                c.updates_per_step * c.steps_per_chunk / seconds,
+                made / seconds,
                 time.monotonic() - start,
                 eval_returns,
             )
@@ -174,6 +177,11 @@ def train(
     write(ckpt.close, what="finishing the last checkpoint")
     progress.message(f"done in {time.monotonic() - start:.0f}s; run directory {run.path}")
     return state
+
+
+def update_count(state: TrainState) -> int:
+    """The updates every member has made (they make the same number)."""
+    return int(np.asarray(state.updates).reshape(-1)[0])
 
 
 def population_summary(base: dict, rows: list[dict]) -> dict:

@@ -174,9 +174,20 @@ def test_evaluation_keys_are_their_own_branch():
 @pytest.mark.xdist_group("sac-v2")
 def test_evaluation_compiled_in_the_background_gives_the_same_returns(tmp_path, monkeypatch):
     """Where overlap helps (forced here, whatever the cores), the loop compiles evaluation
-    in a worker thread during the first chunk; its returns equal jit's evaluation."""
+    in a worker thread during the first chunk; its returns equal jit's evaluation. (The
+    same run checks the progress line's updates/s: the updates the chunk made, half of
+    the configured rate here since the first half of the chunk is warm-up.)"""
+    import io
+
     from mjxsac import ahead
-    from mjxsac.runlog import RunDir
+    from mjxsac.runlog import Progress, RunDir
+
+    rates = []
+
+    class Recorded(Progress):
+        def update(self, steps, steps_per_s, updates_per_s, *rest, **kw):
+            rates.append(updates_per_s)
+            super().update(steps, steps_per_s, updates_per_s, *rest, **kw)
 
     made = []
     original = ahead.Ahead
@@ -184,8 +195,12 @@ def test_evaluation_compiled_in_the_background_gives_the_same_returns(tmp_path, 
     monkeypatch.setattr(ahead, "Ahead", lambda *a, **k: made.append(original(*a, **k)) or made[-1])
     c = dataclasses.replace(config("sac-v2"), total_steps=2_000, run_dir=str(tmp_path / "run"))
     trainer = Trainer(c)
-    state = train_cli.train(trainer, RunDir(c.run_dir))
+    progress = Recorded(c.total_steps, "test", io.StringIO())
+    state = train_cli.train(trainer, RunDir(c.run_dir), progress=progress)
     assert len(made) == 1 and made[0].result() is not None
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 < row["updates"] < c.updates_per_step * c.steps_per_chunk  # warm-up made none
+    assert rates == [pytest.approx(row["updates"] / row["chunk_s"], rel=0.01)]
     returns, _ = trainer.evaluate(state, 0)
-    assert row["eval/return_mean"] == float(np.mean(returns))
+    # computed as the loop does (a float32 mean over one member's episodes)
+    assert row["eval/return_mean"] == float(np.asarray(returns)[0].mean())
