@@ -39,6 +39,8 @@ from pathlib import Path
 
 import jax
 
+from mjxsac import traced
+
 ENV = "MJXSAC_COMPILE_CACHE"
 OFF = "off"
 DEFAULT = "default"
@@ -72,8 +74,6 @@ def resolve(setting: str | None = None) -> Path | None:
 def configure(setting: str | None = None) -> Path | None:
     """Turn the persistent cache on in ``resolve(setting)`` (created if missing) or off.
     Call it before anything compiles; returns the directory in use."""
-    from mjxsac import traced
-
     path = resolve(setting)
     traced.configure(None if path is None else path / "traced")
     if path is None:
@@ -135,10 +135,7 @@ class Tally:
     that missed it. ``compiled`` = programs not loaded."""
 
     def __init__(self) -> None:
-        from mjxsac import traced
-
         _install()
-        self._traced = traced
         self._start = (len(_programs), len(_hits), len(_misses), len(traced.loaded()),
                        len(traced.traced()))  # fmt: skip
 
@@ -161,12 +158,12 @@ class Tally:
     @property
     def traces_loaded(self) -> list[str]:
         """Traced programs loaded from the cache (``mjxsac.traced``)."""
-        return self._traced.loaded()[self._start[3] :]
+        return traced.loaded()[self._start[3] :]
 
     @property
     def traced(self) -> list[str]:
         """Programs traced (and kept in the cache) in this process."""
-        return self._traced.traced()[self._start[4] :]
+        return traced.traced()[self._start[4] :]
 
     def counts(self) -> dict:
         seconds = sum(_programs[self._start[0] :])

@@ -600,6 +600,11 @@ def env_steps(state: TrainState) -> int:
     return int(np.asarray(state.env_steps).reshape(-1)[0])
 
 
+def update_count(state: TrainState) -> int:
+    """Updates made by each member (all members make the same number)."""
+    return int(np.asarray(state.updates).reshape(-1)[0])
+
+
 def seed_key(seed: int) -> jax.Array:
     """The run's root key (raw uint32 data, which checkpoints store as a plain array)."""
     return jax.random.key_data(jax.random.key(seed))

@@ -49,6 +49,7 @@ from mjxsac.sac import (
     chunk_summaries,
     default_device,
     env_steps,
+    update_count,
 )
 
 
@@ -177,11 +178,6 @@ def train(
     write(ckpt.close, what="finishing the last checkpoint")
     progress.message(f"done in {time.monotonic() - start:.0f}s; run directory {run.path}")
     return state
-
-
-def update_count(state: TrainState) -> int:
-    """The updates every member has made (they make the same number)."""
-    return int(np.asarray(state.updates).reshape(-1)[0])
 
 
 def population_summary(base: dict, rows: list[dict]) -> dict:
