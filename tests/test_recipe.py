@@ -248,6 +248,8 @@ def test_presets_hold_the_authors_and_the_recipes_settings(algo):
             "c51", "mean", "adamw", "bfloat16",
         )  # fmt: skip
         assert fast.desync_episodes and fast.warmup_steps == 0 and fast.policy_delay == 4
+        cpu = presets.config_for(env, algo, "cpu")  # v1 gets twice the updates (presets.py)
+        assert cpu.updates_per_step == (8 if algo == "sac-v1" else 4)
     assert presets.config_for("Walker2d", algo, "paper").total_steps == (
         1_000_000 if algo == "sac-v1" else 3_000_000
     )

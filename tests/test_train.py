@@ -1,5 +1,6 @@
 """The fused training loop on InvertedPendulum (CPU): no recompilation, seeding, the CLI's
-run directory, and learning: SAC v2 and v1 each solve the task within a small budget.
+run directory, and learning: SAC v1 solves the task within a small budget (v2's learning
+test runs on a population, tests/test_population.py).
 
 Tests of one algorithm share a worker (xdist group) and a config, so the programs compiled
 for one test serve the others (trainers with equal configs share jit's cache).
@@ -67,17 +68,18 @@ def test_trainers_with_equal_configs_share_compiled_programs(tmp_path):
 
 
 @pytest.mark.xdist_group("sac-v2")
-def test_learns_inverted_pendulum_from_the_command_line(tmp_path, capsys):
+def test_a_run_from_the_command_line_writes_its_directory(tmp_path, capsys):
+    """The command's run directory: config, metrics, evaluations, the curve, the progress
+    line. (That v2 learns is asserted over a population of seeds, tests/test_population.py:
+    one seed's curve is no test.)"""
     algo, run_dir = "sac-v2", tmp_path / "run"
-    train_cli.main(cli_args(algo, run_dir))
+    train_cli.main([*cli_args(algo, run_dir), "--total-steps", "4000"])
     saved = json.loads((run_dir / "config.json").read_text())
-    assert saved == config(algo, run_dir=str(run_dir)).to_dict()
+    assert saved == config(algo, run_dir=str(run_dir), total_steps=4000).to_dict()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["chunk"] for r in rows] == list(range(len(rows)))
-    assert rows[-1]["env_steps"] == 12_000
-    evals = [r["eval/return_mean"] for r in rows]
-    assert max(evals) >= SOLVED, evals
-    assert evals[-1] >= SOLVED, evals
+    assert [r["chunk"] for r in rows] == [0, 1]
+    assert rows[-1]["env_steps"] == 4_000
+    assert all(np.isfinite(r["eval/return_mean"]) for r in rows)
     assert (run_dir / "learning_curve.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "env-steps/s" in out and "updates/s" in out and "ETA" in out
@@ -85,18 +87,18 @@ def test_learns_inverted_pendulum_from_the_command_line(tmp_path, capsys):
 
 @pytest.mark.xdist_group("sac-v1")
 def test_sac_v1_learns_inverted_pendulum(tmp_path):
-    """SAC v1 at this budget depends on the seed: measured 2026-11-24, populations of
-    seeds 0-3 solved the task (1,000) within 12,000 env steps with two seeds of four, the
-    others peaking between 120 and 480, and a single run's outcome flips with any change
-    of float rounding. (v1's pace is the recipe issue's subject.) So one population of
-    four seeds must solve it at least once, and every seed must learn (its best eval at
-    least five times its first, which is ~10)."""
+    """SAC v1 with the `cpu` preset as users get it (8 updates per step, 2,000 warm-up
+    steps). Measured over 16 seeds (docs/BENCHMARKS.md, "Learning tests"): 13 had passed
+    900 by 12,000 env steps, so all three of three seeds miss with probability about
+    (3/16)^3 = 0.7%; a learner with a broken critic target or temperature update solves
+    with none."""
     run_dir = tmp_path / "v1"
-    train_cli.main([*cli_args("sac-v1", run_dir), "--seeds", "0-3"])
-    curves = [[r["eval/return_mean"] for r in RunDir(run_dir).read_metrics(k)] for k in range(4)]
+    args = ["--env", "InvertedPendulum", "--algo", "sac-v1", "--preset", "cpu",
+            "--seeds", "0-2", "--total-steps", "12000", "--eval-every", "1"]  # fmt: skip
+    train_cli.main([*args, "--run-dir", str(run_dir)])
+    curves = [[r["eval/return_mean"] for r in RunDir(run_dir).read_metrics(k)] for k in range(3)]
     assert all(len(c) == 6 for c in curves)
     assert max(max(c) for c in curves) >= SOLVED, curves
-    assert all(max(c) >= 5 * c[0] for c in curves), curves
 
 
 # The massively parallel recipe's options (issue 11), all of them at once. The support is
