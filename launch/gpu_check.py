@@ -790,11 +790,13 @@ class Check:
         phase = self.report["phases"][key]
         budget = self.budgets[key]
         if not self.possible(key):
-            left = f"{self.left():.0f} s of the budget left; it needs half of its {budget:.0f} s"
-            phase |= {
-                "status": "skipped",
-                "reason": f"its budget is {budget:.0f} s" if budget <= 0 else left,
-            }
+            reason = (
+                f"its budget is {budget:.0f} s"
+                if budget <= 0
+                else f"{max(self.left(), 0.0):.0f} s of the budget left; it needs half of its "
+                f"{budget:.0f} s"
+            )
+            phase |= {"status": "skipped", "reason": reason}
             for item in items:
                 phase["items"][item.name] = {"status": "skipped", "reason": "phase skipped"}
             self.write()
