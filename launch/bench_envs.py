@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 import jax
+import numpy as np
 
 import envs
 from envs.base import add_physics_arguments, physics_from_arguments
@@ -35,9 +36,8 @@ BRAX_NAMES = {
 }
 
 
-def measure(reset: Callable, step: Callable, num_envs: int, action_size: int, steps: int,
-            repeats: int = 2) -> dict:  # fmt: skip
-    """Compile a ``steps``-long random-action rollout, then time it ``repeats`` times."""
+def rollout_program(step: Callable, num_envs: int, action_size: int, steps: int) -> Callable:
+    """A ``steps``-long rollout of random actions in [-1, 1]: ``rollout(state, key)``."""
 
     def rollout(state, key):
         def body(state, key):
@@ -46,31 +46,59 @@ def measure(reset: Callable, step: Callable, num_envs: int, action_size: int, st
 
         return jax.lax.scan(body, state, jax.random.split(key, steps))[0]
 
+    return rollout
+
+
+def measure(reset: Callable, step: Callable, num_envs: int, action_size: int, steps: int,
+            repeats: int = 2, warmup: int = 0, deadline: float | None = None) -> dict:  # fmt: skip
+    """Compile a ``steps``-long random-action rollout, run it ``warmup`` times untimed,
+    then time it ``repeats`` times (fewer, at least once, where the next run would end
+    after ``deadline``, a ``time.monotonic``): steps/s of the best run (``steps_per_s``)
+    and of the median one, and every run's seconds."""
+    rollout = rollout_program(step, num_envs, action_size, steps)
     key = jax.random.key(0)
     state = jax.block_until_ready(jax.jit(reset)(key))
     t0 = time.perf_counter()
     compiled = jax.jit(rollout).lower(state, key).compile()
     compile_s = time.perf_counter() - t0
-    best = float("inf")
-    for i in range(repeats):
+    runs: list[float] = []
+    for i in range(warmup + repeats):
+        if runs and deadline is not None and time.monotonic() + runs[-1] > deadline:
+            break
         t0 = time.perf_counter()
         state = jax.block_until_ready(compiled(state, jax.random.fold_in(key, i)))
-        best = min(best, time.perf_counter() - t0)
-    return {"steps_per_s": num_envs * steps / best, "compile_s": compile_s, "run_s": best}
+        if i >= warmup:
+            runs.append(time.perf_counter() - t0)
+    best, median = min(runs), float(np.median(runs))
+    return {"steps_per_s": num_envs * steps / best, "compile_s": compile_s, "run_s": best,
+            "median_steps_per_s": num_envs * steps / median, "runs_s": runs}  # fmt: skip
+
+
+def compile_rollout(reset: Callable, step: Callable, num_envs: int, action_size: int,
+                    steps: int) -> dict:  # fmt: skip
+    """Compile the programs ``measure`` runs (into the persistent compilation cache, for
+    a later process), from shapes alone: nothing is allocated or run. Seconds of each."""
+    key = jax.random.key(0)
+    t0 = time.perf_counter()
+    jax.jit(reset).lower(key).compile()
+    reset_s = time.perf_counter() - t0
+    rollout = jax.jit(rollout_program(step, num_envs, action_size, steps))
+    rollout.lower(jax.eval_shape(reset, key), key).compile()
+    return {"reset": reset_s, "rollout": time.perf_counter() - t0 - reset_s}
+
+
+def stack_of(env: envs.Env, num_envs: int, stack: str = "raw") -> tuple[Callable, Callable]:
+    """``reset`` and ``step`` (actions in [-1, 1]) of ``num_envs`` copies of ``env``: the
+    vmapped env alone (``raw``) or with the time limit and auto-reset (``wrapped``)."""
+    vmapped = envs.VmapEnv(env, num_envs) if stack == "raw" else envs.wrap(env, num_envs)
+    return vmapped.reset, lambda state, action: vmapped.step(state, envs.scale_action(env, action))
 
 
 def bench_ours(task: str, num_envs: int, steps: int, options: dict,
                stacks: tuple[str, ...] = ("raw", "wrapped")) -> dict:  # fmt: skip
     env = envs.make(task, **options)
-
-    def scaled(stack):
-        return lambda state, action: stack.step(state, envs.scale_action(env, action))
-
-    out = {}
-    for name in stacks:
-        stack = envs.VmapEnv(env, num_envs) if name == "raw" else envs.wrap(env, num_envs)
-        out[name] = measure(stack.reset, scaled(stack), num_envs, env.action_size, steps)
-    return out
+    return {name: measure(*stack_of(env, num_envs, name), num_envs, env.action_size, steps)
+            for name in stacks}  # fmt: skip
 
 
 def bench_brax(task: str, num_envs: int, steps: int) -> dict:

@@ -17,8 +17,9 @@ import dataclasses
 import json
 
 import jax
+import numpy as np
 
-from launch.bench_sac import time_chunks
+from launch.bench_sac import chunk_times
 from mjxsac import presets
 from mjxsac.config import Config, parse_scalar
 from mjxsac.sac import Trainer
@@ -38,18 +39,26 @@ def member_config(task: str, preset: str, sets: list[str]) -> Config:
     return dataclasses.replace(config, **values).validate()
 
 
-def measure(config: Config, size: int, chunks: int) -> dict:
-    """First chunk (compile included) and the best of ``chunks`` later chunks."""
-    trainer = Trainer(dataclasses.replace(config, seeds=f"0-{size - 1}"))
-    first, best = time_chunks(trainer, chunks)
+def measure(config: Config, size: int, chunks: int, deadline: float | None = None) -> dict:
+    """First chunk (compile included) and the best (and the median) of ``chunks`` later
+    chunks (fewer where the next would end after ``deadline``: see ``chunk_times``)."""
+    trainer = Trainer(population(config, size))
+    first, times = chunk_times(trainer, chunks, deadline)
+    best = min(times)
     steps = config.env_steps_per_chunk
     return {
         "members": size,
         "first_chunk_s": first,
         "chunk_s": best,
+        "median_chunk_s": float(np.median(times)),
         "env_steps_per_s_per_member": steps / best,
         "env_steps_per_s_total": size * steps / best,
     }
+
+
+def population(config: Config, size: int) -> Config:
+    """``size`` members of ``config``: seeds 0 to size - 1."""
+    return dataclasses.replace(config, seeds=f"0-{size - 1}")
 
 
 def table(rows: list[dict]) -> str:

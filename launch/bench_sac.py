@@ -3,6 +3,7 @@ JSON; docs/BENCHMARKS.md records them with date, device and command.
 
     # time from process start to an eval return (ours, then Brax's SAC through the adapter)
     python -m launch.bench_sac target --task HalfCheetah --target 10000 --budget-s 600 --brax
+    python -m launch.bench_sac target --task HalfCheetah --brax-only --brax-steps 1000000
     # pipeline overhead: env steps/s through the training loop with updates off, 4,096 envs
     python -m launch.bench_sac overhead --task HalfCheetah --num-envs 4096
     # final returns and the wall time to reach them, evaluated in MJX and in Gymnasium
@@ -28,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import envs  # noqa: E402
-from launch.bench_envs import measure  # noqa: E402
+from launch.bench_envs import measure, stack_of  # noqa: E402
 from mjxsac import normalizer as obs_norm  # noqa: E402
 from mjxsac import presets  # noqa: E402
 from mjxsac.config import Config, parse_scalar  # noqa: E402
@@ -47,9 +48,11 @@ def make_config(task: str, algo: str, preset: str, seed: int, sets: list[str]) -
     return Config.from_dict({**config.to_dict(), **values}).validate()
 
 
-def run_ours(config: Config, target: float | None, budget_s: float, eval_chunks: int) -> dict:
-    """Train until ``target`` (if given) or the step budget; evaluate every
-    ``eval_chunks`` chunks. Times count from process start."""
+def run_ours(config: Config, target: float | None, budget_s: float, eval_chunks: int,
+             start: float = PROCESS_START) -> dict:  # fmt: skip
+    """Train until ``target`` (if given), the step budget or ``budget_s``; evaluate every
+    ``eval_chunks`` chunks. Times count from ``start`` (``time.monotonic``; default:
+    process start)."""
     trainer = Trainer(config)
     state = trainer.init()
     curve, reached = [], None
@@ -60,7 +63,7 @@ def run_ours(config: Config, target: float | None, budget_s: float, eval_chunks:
         returns, _ = trainer.evaluate(state, chunk)
         eval_return = float(np.mean(returns))  # waits for the chunk and the evaluation
         point = {
-            "wall_s": time.monotonic() - PROCESS_START,
+            "wall_s": time.monotonic() - start,
             "env_steps": env_steps(state),
             "eval_return": eval_return,
         }
@@ -138,9 +141,11 @@ def evaluate_in_gymnasium(trainer: Trainer, policy: dict, episodes: int, seed: i
 
 
 def cmd_target(args) -> dict:
-    config = make_config(args.task, args.algo[0], args.preset, args.seeds[0], args.set)
-    out = {"ours": _public(run_ours(config, args.target, args.budget_s, args.eval_chunks))}
-    if args.brax:
+    out = {}
+    if not args.brax_only:
+        config = make_config(args.task, args.algo[0], args.preset, args.seeds[0], args.set)
+        out["ours"] = _public(run_ours(config, args.target, args.budget_s, args.eval_chunks))
+    if args.brax or args.brax_only:
         out["brax"] = run_brax(args.task, args.target, args.budget_s, args.seeds[0],
                                args.brax_steps)  # fmt: skip
     return out
@@ -149,37 +154,51 @@ def cmd_target(args) -> dict:
 def time_chunks(trainer: Trainer, chunks: int) -> tuple[float, float]:
     """Seconds of the first chunk (compilation included, from a fresh state) and the best
     of ``chunks`` later chunks."""
+    first, times = chunk_times(trainer, chunks)
+    return first, min(times)
+
+
+def chunk_times(trainer: Trainer, chunks: int,
+                deadline: float | None = None) -> tuple[float, list[float]]:  # fmt: skip
+    """Seconds of the first chunk (compilation included, from a fresh state) and of each
+    of ``chunks`` later chunks; fewer (at least one) where the next would end after
+    ``deadline`` (``time.monotonic``), judged by the last."""
     t0 = time.perf_counter()
     state, _ = trainer.train_chunk(trainer.init())
     jax.block_until_ready(state)
     first = time.perf_counter() - t0
-    best = float("inf")
+    times: list[float] = []
     for _ in range(chunks):
+        if times and deadline is not None and time.monotonic() + times[-1] > deadline:
+            break
         t0 = time.perf_counter()
         state, _ = trainer.train_chunk(state)
         jax.block_until_ready(state)
-        best = min(best, time.perf_counter() - t0)
-    return first, best
+        times.append(time.perf_counter() - t0)
+    return first, times
+
+
+def overhead(config: Config, chunks: int = 3, repeats: int = 2,
+             deadline: float | None = None) -> dict:  # fmt: skip
+    """Env steps/s through ``train_chunk`` with updates switched off (best of ``chunks``
+    chunks), against the raw wrapped env (time limit + auto-reset) in the same process,
+    ``steps_per_chunk`` steps per rollout (best of ``repeats``). ``deadline``: fewer
+    repeats (see ``chunk_times``)."""
+    trainer = Trainer(config)
+    compile_and_first, times = chunk_times(trainer, chunks, deadline)
+    loop = config.env_steps_per_chunk / min(times)
+    raw = measure(*stack_of(trainer.env, config.num_envs, "wrapped"), config.num_envs,
+                  trainer.env.action_size, config.steps_per_chunk, repeats,
+                  deadline=deadline)  # fmt: skip
+    return {"loop_steps_per_s": loop, "loop_first_chunk_s": compile_and_first,
+            "raw_steps_per_s": raw["steps_per_s"], "ratio": loop / raw["steps_per_s"],
+            "loop_chunks_s": times, "raw_runs_s": raw["runs_s"]}  # fmt: skip
 
 
 def cmd_overhead(args) -> dict:
-    """Env steps/s through ``train_chunk`` with updates switched off, against the raw
-    wrapped env (time limit + auto-reset) in the same process."""
+    """``overhead`` for ``--task`` at ``--num-envs``, updates off, no warm-up."""
     sets = [*args.set, f"num_envs={args.num_envs}", "updates_per_step=0", "warmup_steps=0"]
-    config = make_config(args.task, "sac-v2", args.preset, args.seeds[0], sets)
-    trainer = Trainer(config)
-    compile_and_first, best = time_chunks(trainer, 3)
-    loop = config.env_steps_per_chunk / best
-    wrapped = envs.wrap(trainer.env, args.num_envs)
-    raw = measure(
-        wrapped.reset,
-        lambda s, a: wrapped.step(s, envs.scale_action(trainer.env, a)),
-        args.num_envs,
-        trainer.env.action_size,
-        config.steps_per_chunk,
-    )
-    return {"loop_steps_per_s": loop, "loop_first_chunk_s": compile_and_first,
-            "raw_steps_per_s": raw["steps_per_s"], "ratio": loop / raw["steps_per_s"]}  # fmt: skip
+    return overhead(make_config(args.task, "sac-v2", args.preset, args.seeds[0], sets))
 
 
 def cmd_final(args) -> dict:
@@ -218,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-chunks", type=int, default=10, help="evaluate every N chunks")
     parser.add_argument("--num-envs", type=int, default=4096)
     parser.add_argument("--brax", action="store_true", help="also run Brax's SAC (target)")
+    parser.add_argument("--brax-only", action="store_true", help="Brax's SAC alone (target)")
     parser.add_argument("--brax-steps", type=int, default=3_000_000)
     parser.add_argument("--out", default="bench_sac.json")
     args = parser.parse_args(argv)

@@ -9,6 +9,9 @@ Each checkpoint step holds four items:
 * ``config``: the resolved run config (JSON);
 * ``meta``: env steps, whether the buffer is inside, the eval return if one was run.
 
+``save_policy`` writes the last three alone (``meta`` says ``policy_only``): a small
+checkpoint that ``mjxsac-render`` loads and a resume refuses.
+
 Restoring builds an abstract target from the config (shapes and dtypes from
 ``jax.eval_shape``, placed on this machine's default device), so a checkpoint written on a
 GPU restores on a CPU-only machine. Orbax writes each step to a temporary directory and
@@ -105,18 +108,29 @@ class Checkpoints:
         """Save at step ``env_steps`` (asynchronously; the arrays are copied first, so the
         caller may donate ``state`` to the next chunk at once). ``eval_returns``: each
         member's; the checkpoint's rank among the best is their mean."""
-        step = env_steps(state)
         saved = drop_empty(state if save_buffer else state.replace(buffer=None))
+        return self._save(env_steps(state), config, eval_returns, {"has_buffer": save_buffer},
+                          state=ocp.args.StandardSave(saved),
+                          policy=ocp.args.StandardSave(policy_of(state)))  # fmt: skip
+
+    def save_policy(self, policy: dict[str, Any], config: Config, step: int,
+                    eval_returns: list[float] | None = None) -> int:  # fmt: skip
+        """A checkpoint of the policy alone (``policy_of`` a TrainState: the actor
+        parameters and the normalizer, with the member axis) besides the config and the
+        meta, at ``step``: what ``mjxsac-render`` loads, a few MiB where the whole
+        TrainState takes tens or hundreds. It cannot be resumed."""
+        meta = {"has_buffer": False, "policy_only": True}
+        return self._save(step, config, eval_returns, meta,
+                          policy=ocp.args.StandardSave(policy))  # fmt: skip
+
+    def _save(self, step: int, config: Config, eval_returns: list[float] | None,
+              meta: dict, **items: Any) -> int:  # fmt: skip
         mean = None if eval_returns is None else float(sum(eval_returns) / len(eval_returns))
-        meta = {"env_steps": step, "has_buffer": save_buffer, "eval_return": mean,
-                "eval_returns": eval_returns}  # fmt: skip
+        meta = {"env_steps": step, **meta, "eval_return": mean, "eval_returns": eval_returns}
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(saved),
-                policy=ocp.args.StandardSave(policy_of(state)),
-                config=ocp.args.JsonSave(config.to_dict()),
-                meta=ocp.args.JsonSave(meta),
+                **items, config=ocp.args.JsonSave(config.to_dict()), meta=ocp.args.JsonSave(meta)
             ),
             metrics=None if mean is None else {"eval_return": mean},
             force=True,
@@ -196,7 +210,10 @@ class Checkpoints:
 
     def _restore_state(self, trainer: Trainer, step: int) -> TrainState:
         check_compatible(self._config(step), trainer.config)
-        has_buffer = bool(self.meta(step)["has_buffer"])
+        meta = self.meta(step)
+        if meta.get("policy_only"):
+            raise CheckpointError("it holds the policy alone (it renders; it cannot resume)")
+        has_buffer = bool(meta["has_buffer"])
         target = abstract(state_shapes(trainer))
         if not has_buffer:
             target = target.replace(buffer=None)

@@ -202,7 +202,11 @@ class Trainer:
         return _jit_evaluate(self, actor, normalizer, keys)
 
     # Ahead-of-time stages (jit's trace -> lower -> compile), for compiling in the
-    # background and for measuring each stage (launch/bench_compile.py).
+    # background or in another process, and for measuring each stage
+    # (launch/bench_compile.py, launch/gpu_check.py).
+    def trace_init(self) -> jax.stages.Traced:
+        return _jit_init.trace(self, *self.init_args())
+
     def trace_train_chunk(self, state: TrainState) -> jax.stages.Traced:
         return _jit_train_chunk.trace(self, state)
 

@@ -203,6 +203,31 @@ def test_render_writes_a_moving_video(trained, tmp_path, capsys):
     assert out.with_suffix(".gif").stat().st_size > 1000
 
 
+def test_policy_saved_alone_renders_and_refuses_to_resume(trained, tmp_path, capsys):
+    """The GPU check's phase e (``launch/gpu_check.py``): a policy saved alone (actor and
+    normalizer, no TrainState) is a small run directory that mjxsac-render loads; a resume
+    names why it cannot use it."""
+    from launch.gpu_check import save_policy
+
+    ckpt = Checkpoints(trained / "checkpoints", read_only=True)
+    config = ckpt.config()
+    trainer = Trainer(config)
+    step, policy = ckpt.restore_policy(trainer)
+    saved = save_policy(tmp_path / "policy", jax.device_get(policy), config, step, [7.0])
+    assert saved["loads_back"] and saved["env_steps"] == step == 6000
+    assert saved["bytes"] < 2**20 and saved["under_16_mib"]
+    assert Checkpoints(tmp_path / "policy" / "checkpoints", read_only=True).meta() == {
+        "env_steps": 6000, "has_buffer": False, "policy_only": True, "eval_return": 7.0,
+        "eval_returns": [7.0]}  # fmt: skip
+    out = tmp_path / "v.mp4"
+    render.main([str(tmp_path / "policy"), "--out", str(out), "--max-steps", "5",
+                 "--width", "64", "--height", "48"])  # fmt: skip
+    assert "at env step 6,000" in capsys.readouterr().out and out.stat().st_size > 0
+    with pytest.raises(CheckpointError, match="none of the checkpoints"):
+        Checkpoints(tmp_path / "policy" / "checkpoints", read_only=True).restore(trainer)
+    assert "it holds the policy alone" in capsys.readouterr().err
+
+
 def test_render_refuses_a_path_without_checkpoints(tmp_path):
     with pytest.raises(SystemExit, match="neither a run directory nor a checkpoint"):
         render.main([str(tmp_path)])
