@@ -8,6 +8,7 @@ state = jax.jit(env.step)(state, action)
 from __future__ import annotations
 
 import importlib
+import math
 
 from envs.base import Env, PhysicsOptions, State, scale_action
 from envs.wrappers import AutoReset, TimeLimit, VmapEnv, Wrapper, desynchronize, wrap
@@ -47,7 +48,9 @@ def check_options(name: str, overrides: dict) -> None:
 
 
 def _check_option_type(name: str, key: str, value, default) -> None:
-    """A task option must have its Gymnasium default's type (ints pass for floats)."""
+    """A task option must have its Gymnasium default's type (ints pass for floats), be
+    finite (a range's ends may be infinite: ``healthy_z_range=0.7,inf``) and a range must
+    not be empty."""
 
     def number(x) -> bool:
         return isinstance(x, int | float) and not isinstance(x, bool)
@@ -58,9 +61,15 @@ def _check_option_type(name: str, key: str, value, default) -> None:
         ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
     elif isinstance(default, float):
         ok, kind = number(value), "a number"
+        if ok and not math.isfinite(value):
+            ok, kind = False, "a finite number"
     elif isinstance(default, tuple):
         ok = isinstance(value, tuple | list) and len(value) == len(default)
-        ok, kind = ok and all(map(number, value)), f"a pair of numbers like {default}"
+        pair = ",".join(map(str, default))
+        ok = ok and all(number(v) and not math.isnan(v) for v in value)
+        kind = f"{len(default)} numbers like {key}={pair}"
+        if ok and key.endswith("_range") and value[0] > value[1]:
+            ok, kind = False, f"a range low,high with low <= high, like {key}={pair}"
     else:
         ok, kind = isinstance(value, type(default)), type(default).__name__
     if not ok:

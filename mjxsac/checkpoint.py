@@ -27,6 +27,8 @@ deleted.
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -38,7 +40,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from mjxsac.cli import drop_closed_loop_noise
+from mjxsac.cli import UserError, drop_closed_loop_noise, os_error_in
 from mjxsac.config import DATA, HOST_ONLY, Config
 from mjxsac.sac import Trainer, TrainState, default_device, env_steps, place
 
@@ -54,6 +56,11 @@ class CheckpointError(ValueError):
 
 class IncompatibleCheckpoint(CheckpointError):
     """A sound checkpoint of another run (task, algorithm, sizes): never skipped."""
+
+
+class UnreadableCheckpoint(UserError):
+    """A checkpoint this process cannot read (permissions, an I/O error): not damage, so
+    nothing is skipped or set aside; the command stops naming the file."""
 
 
 _REPORTED: set[str] = set()
@@ -184,6 +191,7 @@ class Checkpoints:
         except CheckpointError:
             raise
         except Exception as e:  # damage shows as any error of Orbax, TensorStore or JSON
+            cannot_read(self.directory / str(step), e)
             reason = " ".join(str(e).split())
             reason = reason if len(reason) < 200 else reason[:200] + "..."
             raise CheckpointError(f"unreadable ({type(e).__name__}: {reason})") from e
@@ -191,6 +199,10 @@ class Checkpoints:
     def config(self, step: int | None = None) -> Config:
         """The run config of ``step`` (default: the newest checkpoint whose config reads)."""
         return self.newest_usable(self._config, step)[1]
+
+    def newest_config(self) -> tuple[int, Config]:
+        """``(step, config)`` of the newest checkpoint whose config reads."""
+        return self.newest_usable(self._config)
 
     def _config(self, step: int) -> Config:
         data = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
@@ -277,6 +289,36 @@ class Checkpoints:
         return self.manager.restore(step, args=args)[item]
 
 
+def cannot_read(step_dir: Path, error: Exception) -> None:
+    """Raise ``UnreadableCheckpoint`` if ``error`` came from the machine, not from damage:
+    a directory or file of the step this process may not open (permissions), or an
+    operating-system error other than a missing file. A missing or corrupt file is
+    damage, and this returns."""
+
+    def refuse(e: OSError) -> None:
+        if not isinstance(e, FileNotFoundError | NotADirectoryError):
+            _raise_unreadable(step_dir, e)
+
+    for root, _, files in os.walk(step_dir, onerror=refuse):
+        for name in files:
+            try:
+                (Path(root) / name).open("rb").close()
+            except OSError as e:
+                refuse(e)
+    cause = os_error_in(error)
+    if cause is not None:
+        refuse(cause)
+
+
+def _raise_unreadable(step_dir: Path, e: OSError) -> None:
+    what = f"{e.filename}" if e.filename else f"checkpoint {step_dir}"
+    fix = "fix its permissions" if e.errno in (errno.EACCES, errno.EPERM) else "check the disk"
+    raise UnreadableCheckpoint(
+        f"cannot read {what} ({e.strerror or e}): {fix}, then try again (a checkpoint "
+        "that cannot be read is not a damaged one: nothing was skipped, moved or changed)"
+    ) from None
+
+
 def _eval_return(metrics: dict) -> float:
     return metrics["eval_return"]
 
@@ -323,6 +365,17 @@ def check_compatible(saved: Config, wanted: Config) -> None:
     if differ:
         details = ", ".join(f"{k}: checkpoint {a[k]!r} vs requested {b.get(k)!r}" for k in differ)
         raise IncompatibleCheckpoint(f"the checkpoint was written by a different run ({details})")
+    # A field the population varies takes each member's value from ``vary``: a new value
+    # for the field itself would be recorded and ignored by every member.
+    varied = saved.varied()
+    ignored = sorted(k for k in varied if a[k] != b.get(k))
+    if ignored:
+        details = ", ".join(
+            f"{k} (each member's own: {', '.join(f'{v:g}' for v in varied[k])})" for k in ignored
+        )
+        raise IncompatibleCheckpoint(
+            f"the population varies {details}, so a resume cannot change it"
+        )
 
 
 def find_checkpoints(path: str | Path) -> tuple[Path, int | None]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -34,6 +36,21 @@ def quiet_libraries(debug: bool = False) -> None:
     absl_logging.set_verbosity(absl_logging.ERROR if debug else absl_logging.FATAL)
     if not debug:
         sys.unraisablehook = drop_closed_loop_noise
+        asyncio_logger = logging.getLogger("asyncio")
+        if not any(isinstance(f, _DropUnretrieved) for f in asyncio_logger.filters):
+            asyncio_logger.addFilter(_DropUnretrieved())
+
+
+class _DropUnretrieved(logging.Filter):
+    """When one write of an asynchronous Orbax save fails, its sibling tasks fail too and
+    are never awaited; asyncio logs each as 'Task exception was never retrieved' with a
+    traceback when it is collected, after the command's one-line error. The first failure
+    is the one reported; drop the echoes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(
+            ("Task exception was never retrieved", "Future exception was never retrieved")
+        )
 
 
 def drop_closed_loop_noise(unraisable) -> None:
@@ -45,6 +62,11 @@ def drop_closed_loop_noise(unraisable) -> None:
     if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
         return
     sys.__unraisablehook__(unraisable)
+
+
+def quoted(path) -> str:
+    """A path as a shell reads it back: suggested commands must work when pasted."""
+    return shlex.quote(str(path))
 
 
 def debug_requested(argv: list[str]) -> bool:
@@ -104,6 +126,8 @@ def one_line_errors(prog: str, debug: bool) -> Iterator[None]:
             raise
         if isinstance(e, OSError) and not isinstance(e, UserError):
             message = describe_os_error(e, "a file operation")
+        elif isinstance(e, MemoryError) and not str(e):
+            message = "out of memory (MemoryError): the run is too large for this machine"
         else:
-            message = str(e)
+            message = str(e) or type(e).__name__
         sys.exit(f"{prog}: {' '.join(message.split())}")

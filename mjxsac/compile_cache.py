@@ -35,6 +35,8 @@ import logging
 import os
 import re
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 import jax
@@ -48,6 +50,9 @@ HELP = (
     "persistent compilation cache: 'default' ($XDG_CACHE_HOME/mjxsac/jax, else "
     "~/.cache/mjxsac/jax), a directory, or 'off'; MJXSAC_COMPILE_CACHE sets the same"
 )
+# The usual spellings of off and on (any case), so that none of them becomes a directory.
+OFF_WORDS = frozenset({"off", "none", "no", "false", "0", "disable", "disabled"})
+ON_WORDS = frozenset({"default", "on", "yes", "true", "1"})
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _HIT = re.compile(r"Persistent compilation cache hit for '([^']*)'")
@@ -60,10 +65,31 @@ def default_dir() -> Path:
     return Path(base) / "mjxsac" / "jax"
 
 
+def normalize(setting: str, source: str = "--compile-cache") -> str:
+    """``OFF``, ``DEFAULT`` or a directory: the spellings of off and on are words, not
+    directories, and an option name (``--run-dir``) is never taken for a path."""
+    text = setting.strip()
+    if not text:
+        raise ValueError(f"{source} is empty: {HELP}")
+    if text.startswith("-"):
+        raise ValueError(f"{source} needs a value, not the option {text}: {HELP}")
+    word = text.lower()
+    if word in OFF_WORDS:
+        return OFF
+    if word in ON_WORDS:
+        return DEFAULT
+    return text
+
+
 def resolve(setting: str | None = None) -> Path | None:
     """The cache directory for ``setting`` (else ``$MJXSAC_COMPILE_CACHE``, else the
     default); ``None`` when off."""
-    setting = setting or os.environ.get(ENV) or DEFAULT
+    if setting is not None:
+        setting = normalize(setting)
+    elif os.environ.get(ENV, "").strip():
+        setting = normalize(os.environ[ENV], ENV)
+    else:
+        setting = DEFAULT
     if setting == OFF:
         return None
     if setting == DEFAULT:
@@ -191,10 +217,10 @@ def option(argv: list[str]) -> tuple[str | None, list[str]]:
         if arg == "--compile-cache":
             if i + 1 == len(argv):
                 raise ValueError(f"--compile-cache needs a value: {HELP}")
-            setting, i = argv[i + 1], i + 2
+            setting, i = normalize(argv[i + 1]), i + 2
             continue
         if arg.startswith("--compile-cache="):
-            setting = arg.split("=", 1)[1]
+            setting = normalize(arg.split("=", 1)[1])
         else:
             rest.append(arg)
         i += 1
@@ -205,9 +231,26 @@ def configure_for(prog: str, setting: str | None) -> Path | None:
     """``configure`` for a command: a directory that cannot be created is an error when
     asked for, and a notice (then no cache) when it is the default."""
     try:
-        return configure(setting)
+        path = configure(setting)
     except OSError as e:
         if resolve(setting) != default_dir():
             raise
         print(f"{prog}: no compilation cache ({e}); continuing without", file=sys.stderr)
         return configure(OFF)
+    if path is not None:
+        _check_writable(prog, path)
+    return path
+
+
+def _check_writable(prog: str, path: Path) -> None:
+    """A cache that can be read but not written (a shared, read-only one) still serves
+    the programs it holds; say once that new ones are not kept, instead of JAX's warning
+    for every program."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        print(f"{prog}: the compilation cache {path} cannot be written ({e.strerror}): the "
+              "programs it holds are loaded, new ones are not kept", file=sys.stderr)  # fmt: skip
+        warnings.filterwarnings("ignore", message="Error writing persistent compilation cache")

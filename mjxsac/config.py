@@ -41,6 +41,9 @@ ADDED_LATER = frozenset(
 )  # fmt: skip
 # Data fields a population may vary (``--vary``); the seed varies through ``seeds``.
 VARIABLE = DATA - {"seed"}
+# More members than one program should step (the list of members alone would not fit long
+# before the replay buffers do): refused before anything is built.
+MAX_MEMBERS = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +247,17 @@ class Config:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if not self.hidden_sizes or any(h < 1 for h in self.hidden_sizes):
             raise ValueError(f"hidden_sizes must be positive widths, got {self.hidden_sizes}")
+        if self.n_step > self.episode_length:
+            raise ValueError(
+                f"n_step ({self.n_step}) exceeds episode_length ({self.episode_length}): a "
+                "window never crosses an episode's end; lower n_step"
+            )
+        if self.n_step * self.num_envs > self.buffer_size:
+            raise ValueError(
+                f"n_step ({self.n_step}) windows span n_step x num_envs = "
+                f"{self.n_step * self.num_envs:,} rows of the buffer, more than buffer_size "
+                f"({self.buffer_size:,}): lower n_step or raise buffer_size"
+            )
         _check_data(self, "")
         if isinstance(self.num_atoms, bool) or self.num_atoms < 2:
             raise ValueError(f"num_atoms must be an integer >= 2, got {self.num_atoms!r}")
@@ -280,20 +294,49 @@ class Config:
                 f"and buffer_size ({self.buffer_size})"
             )
         envs.check_options(self.env, self.env_kwargs())
-        members = self.members()
-        if len(members) > 1:
-            for i in range(len(members)):
-                _check_data(self.member(i), f"member {i}")
+        members = self.member_configs()  # --vary values: checked as each member's
+        for i, member in enumerate(members):
+            _check_data(member, f"member {i}" if len(members) > 1 else "")
         return self
 
-    def env_kwargs(self) -> dict[str, int | float | bool | str]:
-        """Parse ``env_options`` ('key=value,...') into ``envs.make`` keyword arguments."""
-        out: dict[str, int | float | bool | str] = {}
+    def check_run(self) -> Config:
+        """Refuse a run that would train in vain: updates that never start."""
+        run_steps = self.num_chunks * self.env_steps_per_chunk
+        if self.updates_per_step > 0 and run_steps < self.update_start:
+            starts = "learning_starts" if self.learning_starts is not None else "warmup_steps"
+            raise ValueError(
+                f"no update would ever happen: updates start after {self.update_start:,} env "
+                f"steps ({starts}), but the run has {run_steps:,} (total_steps, in whole "
+                f"chunks of {self.env_steps_per_chunk:,}): raise total_steps or lower {starts}"
+            )
+        return self
+
+    def env_kwargs(self) -> dict[str, int | float | bool | str | tuple]:
+        """Parse ``env_options`` ('key=value,...') into ``envs.make`` keyword arguments. A
+        tuple option takes several values: 'healthy_z_range=0.5,inf' (or '=(0.5, inf)');
+        an item without '=' continues the value before it."""
+        values: dict[str, list[str]] = {}
+        key = None
         for item in filter(None, (s.strip() for s in self.env_options.split(","))):
-            key, sep, value = item.partition("=")
-            if not sep:
+            name, sep, value = item.partition("=")
+            if sep:
+                key = name.strip()
+                if not key:
+                    raise ValueError(f"env option {item!r} must look like key=value")
+                values[key] = [value]
+            elif key is None:
                 raise ValueError(f"env option {item!r} must look like key=value")
-            out[key.strip()] = parse_scalar(value.strip())
+            else:
+                values[key].append(item)
+        out: dict[str, int | float | bool | str | tuple] = {}
+        for key, parts in values.items():
+            text = ",".join(parts).strip()
+            bracketed = text[:1] in "([" and text[-1:] in ")]"
+            items = [p.strip() for p in (text[1:-1] if bracketed else text).split(",")]
+            if bracketed or len(items) > 1:
+                out[key] = tuple(parse_scalar(p) for p in items)
+            else:
+                out[key] = parse_scalar(items[0])
         return out
 
     def compiled_identity(self) -> tuple[Config, int]:
@@ -310,16 +353,23 @@ class Config:
         """The seeds of ``seeds`` ('0-7', '0,3,5', '1-3,8'), or ``[seed]``."""
         if not self.seeds.strip():
             return [self.seed]
-        out: list[int] = []
+        parts: list[range] = []
         for part in filter(None, (p.strip() for p in self.seeds.split(","))):
             low, sep, high = part.partition("-")
             try:
-                values = range(int(low), int(high) + 1) if sep else [int(low)]
+                values = range(int(low), int(high) + 1) if sep else range(int(low), int(low) + 1)
             except ValueError:
                 raise ValueError(f"seeds must look like 0-7 or 0,3,5, got {self.seeds!r}") from None
-            if sep and int(high) < int(low):
+            if not values:
                 raise ValueError(f"seeds range {part!r} is empty")
-            out += values
+            parts.append(values)
+        count = sum(len(r) for r in parts)
+        if count > MAX_MEMBERS:
+            raise ValueError(
+                f"seeds {self.seeds!r} make {count:,} members; a population holds at most "
+                f"{MAX_MEMBERS:,} (one program steps them all)"
+            )
+        out = [s for r in parts for s in r]
         if len(set(out)) != len(out):
             raise ValueError(f"seeds repeat a seed: {self.seeds!r}")
         return out
@@ -345,21 +395,36 @@ class Config:
                 out[name] = [float(v) for v in values.split(",")]
             except ValueError:
                 raise ValueError(f"--vary {item!r}: values must be numbers") from None
+            if not all(map(math.isfinite, out[name])):
+                raise ValueError(f"--vary {item!r}: values must be finite numbers")
         return out
 
     def members(self) -> list[dict]:
         """Each member's index, seed and varied values: the grid of ``vary`` (first field
         slowest) times the seeds (fastest)."""
-        grid: list[dict] = [{}]
-        for name, values in self.varied().items():
-            grid = [{**g, name: v} for g in grid for v in values]
+        varied = self.varied()
         seeds = self.seed_list()
+        count = len(seeds) * math.prod(len(v) for v in varied.values())
+        if count > MAX_MEMBERS:
+            raise ValueError(
+                f"seeds and vary make {count:,} members; a population holds at most "
+                f"{MAX_MEMBERS:,} (one program steps them all)"
+            )
+        grid: list[dict] = [{}]
+        for name, values in varied.items():
+            grid = [{**g, name: v} for g in grid for v in values]
         rows = [{"seed": s, **g} for g in grid for s in seeds]
         return [{"index": i, **row} for i, row in enumerate(rows)]
 
     def member(self, index: int) -> Config:
         """The ordinary (one-member) run that member ``index`` of this population is."""
-        row = self.members()[index]
+        return self._member(self.members()[index])
+
+    def member_configs(self) -> list[Config]:
+        """Every member's ``member(index)``, the members listed once."""
+        return [self._member(row) for row in self.members()]
+
+    def _member(self, row: dict) -> Config:
         values = {k: v for k, v in row.items() if k != "index"}
         return dataclasses.replace(self, seeds="", vary=(), **values)
 
@@ -416,7 +481,9 @@ def _check_type(name: str, value, kind) -> None:
     """Refuse a value of the wrong type (JSON and wandb hand over untyped values)."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin is Literal:
-        ok = value in args
+        if value not in args:
+            raise ValueError(f"{name} must be one of {', '.join(args)}, got {value!r}")
+        ok = True
     elif origin is tuple:
         item = args[0]
         ok = isinstance(value, tuple) and all(_type_ok(v, item) for v in value)

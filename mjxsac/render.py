@@ -93,8 +93,20 @@ def open_renderer(model: mujoco.MjModel, height: int, width: int) -> mujoco.Rend
         ) from e
 
 
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".avi", ".gif")
+"""What ``write_video`` writes: the MP4 family through ffmpeg (H.264), or a GIF."""
+
+
 def check_writable(path: Path) -> None:
     """Fail before the rollout, not after it, if the video cannot be written."""
+    if path.is_dir():
+        raise UserError(
+            f"--out {path} is a directory: give a file name such as {path / 'video.mp4'}"
+        )
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise UserError(
+            f"--out {path}: a video needs one of the extensions {', '.join(VIDEO_SUFFIXES)}"
+        )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe = path.with_name(f".{path.name}.probe")
@@ -167,6 +179,10 @@ def render_run(
     """Roll out ``episodes`` of the checkpoint's policy (of ``member`` in a population;
     default the best by the checkpoint's eval returns) and write them as one video;
     returns the MP4's path. Prints each episode's return."""
+    for name, value in (("episodes", episodes), ("width", width), ("height", height),
+                        ("max_steps", 1 if max_steps is None else max_steps)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     run_dir = find_checkpoints(checkpoint)[0].parent
     out = Path(out) if out else run_dir / "video.mp4"
     check_writable(out)
@@ -174,7 +190,7 @@ def render_run(
         check_writable(out.with_suffix(".gif"))
     trainer, policy, step, member = load(checkpoint, member)
     runner = PolicyRunner(trainer, policy, width, height)
-    max_steps = max_steps or trainer.config.episode_length
+    max_steps = max_steps if max_steps is not None else trainer.config.episode_length
     key, frames, returns = jax.random.key(seed), [], []
     for i in range(episodes):
         episode_frames, ret = runner.episode(jax.random.fold_in(key, i), stochastic, max_steps)
@@ -208,8 +224,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of failures")
     args = parser.parse_args(argv)
     quiet_libraries(args.debug or debug_requested([]))
-    if args.episodes < 1 or args.width < 1 or args.height < 1:
-        parser.error("--episodes, --width and --height must be positive")
     with one_line_errors("mjxsac-render", args.debug or debug_requested([])):
         render_run(
             args.checkpoint, args.out, args.episodes, args.stochastic, args.gif,

@@ -14,8 +14,29 @@ import time
 from pathlib import Path
 from typing import IO
 
-from mjxsac.cli import UserError, describe_os_error
+from mjxsac.cli import UserError, describe_os_error, quoted
 from mjxsac.config import Config
+
+MARKER = ".mjxsac-run"
+"""Written into a run directory when a new run claims it: the directory is a run's, and a
+new run may start over in it as long as no run has trained there."""
+# What runs (and mjxsac-render's default video) write into a run directory; with the
+# marker, a new run may reuse a directory holding nothing else.
+RUN_FILES = frozenset(
+    {"config.json", "metrics.jsonl", "learning_curve.png", "population.json", "members",
+     "checkpoints", "checkpoints-unusable", "wandb", "final.mp4", "video.mp4", "video.gif",
+     ".lock", MARKER}
+)  # fmt: skip
+# What a new run may find in a directory without the marker: a lock (checked when the run
+# claims the directory) and wandb's folder (wandb starts before the run claims it).
+UNMARKED_FILES = frozenset({".lock", "wandb"})
+
+
+def _written_by_run(name: str) -> bool:
+    """A run's file, or the temporary file of one (a process killed while writing it)."""
+    if name in RUN_FILES or name.removesuffix(".tmp") in RUN_FILES:
+        return True
+    return name == "learning_curve.tmp.png" or (name.startswith(".") and ".tmp" in name)
 
 
 def default_run_dir(config: Config) -> Path:
@@ -61,16 +82,57 @@ class RunDir:
         """A new run never overwrites another: it names the ways on instead."""
         if self.holds_run():
             raise RunDirError(
-                f"{self.path} already holds a run: continue it with --resume {self.path}, "
-                "or choose a fresh --run-dir (nothing was changed)"
+                f"{self.path} already holds a run: continue it with --resume "
+                f"{quoted(self.path)}, or choose a fresh --run-dir (nothing was changed)"
             )
+
+    def check_new(self) -> None:
+        """A new run goes into a directory that does not exist, is empty, or holds only
+        what a run that never trained left there (with the marker); a directory that holds
+        a run, or anything a run did not write, is refused naming what is there."""
+        self.refuse_if_holds_run()
+        try:
+            names = sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
+        except OSError as e:
+            doing = f"reading the run directory {self.path}"
+            raise RunDirError(describe_os_error(e, doing)) from None
+        if MARKER in names:
+            foreign = [n for n in names if not _written_by_run(n)]
+        else:
+            foreign = [n for n in names if n not in UNMARKED_FILES]
+        if foreign:
+            more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+            shown = ", ".join(foreign[:5]) + more
+            raise RunDirError(
+                f"{self.path} is not empty and not a run directory (it holds {shown}): "
+                "choose a new or empty --run-dir (nothing was changed)"
+            )
+
+    def check_free(self) -> None:
+        """Refuse a directory another live process holds, without writing anything (a dry
+        run's check)."""
+        try:
+            lock = self.lock_path.open("r")
+        except OSError:
+            return  # no lock file: free
+        with lock:
+            owner = _parse_lock(lock.read())
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                raise RunDirError(
+                    f"{self.path} is in use by {_owner(owner)}: wait for it to end or stop it, "
+                    "or choose another --run-dir"
+                ) from None
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
     def claim(self, resume: bool) -> str | None:
         """Create the directory and take its lock. A new run refuses a directory that holds a
-        run; any run refuses one in use by a live process. Returns a notice when a stale lock
-        of a dead process was taken over."""
+        run or files no run wrote (``check_new``) and marks it as a run's; any run refuses
+        one in use by a live process. Returns a notice when a stale lock of a dead process
+        was taken over."""
         if not resume:
-            self.refuse_if_holds_run()
+            self.check_new()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             lock = self.lock_path.open("a+")
@@ -107,6 +169,13 @@ class RunDir:
         lock.write(json.dumps(me) + "\n")
         lock.flush()
         self._lock = lock
+        if not resume:
+            try:
+                marker = {"by": "mjxsac-train", "since": time.strftime("%c")}
+                write_atomic(self.path / MARKER, json.dumps(marker) + "\n")
+            except OSError as e:
+                self.release()
+                raise RunDirError(describe_os_error(e, f"writing {self.path / MARKER}")) from None
         return notice
 
     def release(self) -> None:
@@ -263,6 +332,7 @@ class Progress:
         self.every_s = every_s
         self.last_print = -math.inf
         self.eval_text = "-"
+        self.lost = False
 
     def update(self, steps: int, steps_per_s: float, updates_per_s: float, elapsed: float,
                eval_returns: list[float] | None = None) -> None:  # fmt: skip
@@ -282,17 +352,24 @@ class Progress:
         )
         now = time.monotonic()
         if self.tty:
-            self.stream.write("\r\x1b[2K" + line)
-            if eval_returns:
-                self.stream.write("\n")
+            self._write("\r\x1b[2K" + line + ("\n" if eval_returns else ""))
         elif eval_returns or now - self.last_print >= self.every_s:
-            self.stream.write(line + "\n")
+            self._write(line + "\n")
             self.last_print = now
-        self.stream.flush()
 
     def message(self, text: str) -> None:
-        self.stream.write(("\r\x1b[2K" if self.tty else "") + text + "\n")
-        self.stream.flush()
+        self._write(("\r\x1b[2K" if self.tty else "") + text + "\n")
+
+    def _write(self, text: str) -> None:
+        """A terminal that went away (a dropped ssh session) ends the progress lines, not
+        the run."""
+        if self.lost:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except OSError:
+            self.lost = True
 
 
 def median_of(values: list[float]) -> float:
@@ -330,18 +407,24 @@ class WandbLog:
         self.runs = runs
 
     @classmethod
-    def start(cls, config: Config) -> tuple[WandbLog, Config]:
+    def start(cls, config: Config, directory: Path | None = None) -> tuple[WandbLog, Config]:
         """``wandb.init``, then the config as the run holds it: values a sweep agent
-        sampled (``WANDB_SWEEP_PARAM_PATH``) win over the command line."""
+        sampled (``WANDB_SWEEP_PARAM_PATH``) win over the command line. ``directory``:
+        where wandb writes (default: the run directory; a dry run passes a temporary one)."""
         import os
 
+        sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
+        mode = os.environ.get("WANDB_MODE") or ("online" if sweep else "offline")
+        if mode in ("offline", "dryrun", "disabled"):
+            # Nothing leaves the machine: wandb's telemetry follows its global settings and
+            # WANDB_ERROR_REPORTING, not the mode given to wandb.init, so both are set before
+            # wandb starts (its service process inherits the environment).
+            os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         import wandb
 
-        sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
-        mode = None
-        if "WANDB_MODE" not in os.environ:
-            mode = "online" if sweep else "offline"
-        root = Path(config.run_dir or "runs")
+        if mode in ("offline", "dryrun", "disabled"):
+            wandb.setup(wandb.Settings(mode=mode))
+        root = directory or Path(config.run_dir or "runs")
         root.mkdir(parents=True, exist_ok=True)
         common = dict(project=config.wandb_project, entity=config.wandb_entity,
                       dir=str(root), mode=mode)  # fmt: skip
@@ -381,5 +464,10 @@ class WandbLog:
         run.log({"video": wandb.Video(str(path), format="mp4")})
 
     def finish(self, exit_code: int) -> None:
+        """Finish the runs, then wait for wandb's service process to have written them (an
+        offline run's files are complete only then, not when ``finish`` returns)."""
+        import wandb
+
         for run in self.runs:
             run.finish(exit_code=exit_code)
+        wandb.teardown(exit_code)

@@ -3,7 +3,8 @@
     mjxsac-train --env HalfCheetah [--preset parallel] [--algo sac-v2] [--seed 0]
                  [--steps N] [any Config field, e.g. --batch-size 512]
     mjxsac-train --resume runs/<run> [--total-steps N]
-    mjxsac-train ... --dry-run       # print the resolved config; compile nothing
+    mjxsac-train ... --dry-run       # check and print the resolved config; compile and
+                                     # write nothing
     mjxsac-train ... --debug         # show tracebacks instead of one-line errors
     mjxsac-train ... --compile-cache {default,off,PATH}
                                      # JAX's persistent compilation cache (default:
@@ -22,6 +23,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,15 +34,16 @@ import numpy as np
 
 from mjxsac import compile_cache, render
 from mjxsac.ahead import compile_ahead
-from mjxsac.checkpoint import Checkpoints, check_compatible
+from mjxsac.checkpoint import RESUMABLE_CHANGES, Checkpoints, check_compatible
 from mjxsac.cli import (
     UserError,
     debug_requested,
     one_line_errors,
     quiet_libraries,
+    quoted,
     write,
 )
-from mjxsac.config import Config
+from mjxsac.config import ALGOS, Config
 from mjxsac.runlog import Progress, RunDir, WandbLog, default_run_dir
 from mjxsac.sac import (
     Trainer,
@@ -58,7 +61,7 @@ class NonFiniteError(UserError):
 
 
 class Stopped(Exception):
-    """SIGINT or SIGTERM arrived; the state was checkpointed."""
+    """SIGINT, SIGTERM or SIGHUP arrived; the state was checkpointed."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -66,8 +69,8 @@ class Stopped(Exception):
 
 
 class StopRequest:
-    """The first SIGINT/SIGTERM, as the training loop sees it: honoured after the running
-    chunk (a checkpoint is saved, then the run exits)."""
+    """The first SIGINT/SIGTERM/SIGHUP, as the training loop sees it: honoured after the
+    running chunk (a checkpoint is saved, then the run exits)."""
 
     def __init__(self) -> None:
         self.signums: list[int] = []
@@ -269,6 +272,8 @@ def parse_args(argv: list[str]) -> tuple[Config, Path | None, bool]:
     pre.add_argument("--debug", action="store_true")
     pre.add_argument("--vary", action="append", default=[])
     known, rest = pre.parse_known_args(argv)
+    if known.algo not in ALGOS:  # before tyro, which would warn about its Literal type
+        raise ValueError(f"unknown algo {known.algo!r}; valid: {', '.join(ALGOS)}")
     if known.vary:  # repeatable here; tyro takes the values after one flag
         rest = [*rest, "--vary", *known.vary]
     if known.steps is not None:
@@ -281,21 +286,81 @@ def parse_args(argv: list[str]) -> tuple[Config, Path | None, bool]:
                 "--preset cannot be combined with --resume: a resumed run keeps its own "
                 "config; override single fields instead (e.g. --total-steps)"
             )
-        saved = Checkpoints(run_dir / "checkpoints", read_only=True, prog="mjxsac-train").config()
+        ckpt = Checkpoints(run_dir / "checkpoints", read_only=True, prog="mjxsac-train")
+        step, saved = ckpt.newest_config()
         for flag in ("--env", "--algo"):
             if flag in given:
                 rest = [*rest, flag, getattr(known, flag[2:])]
-        config = tyro.cli(Config, default=saved, args=rest, description=__doc__)
+        config = tyro.cli(Config, default=saved, args=rest, description=__doc__, prog=PROG)
+        if {"--run-dir", "--run_dir"} & set(given) and not _same_path(config.run_dir, run_dir):
+            raise UserError(
+                f"--run-dir cannot be combined with --resume: the run continues in its own "
+                f"directory {run_dir} (to continue a copy, copy the directory and resume it)"
+            )
         config = Config.from_dict({**config.to_dict(), "run_dir": str(run_dir)})
         check_compatible(saved, config)
+        check_resume(run_dir, step, saved, config)
         return config, run_dir, known.dry_run
     preset = known.preset
     if preset == "auto":
         preset = "cpu" if jax.default_backend() == "cpu" else "parallel"
     base = presets.config_for(known.env, known.algo, preset)
     cli_args = ["--env", known.env, "--algo", known.algo, "--preset", preset, *rest]
-    config = tyro.cli(Config, default=base, args=cli_args, description=__doc__)
+    config = tyro.cli(Config, default=base, args=cli_args, description=__doc__, prog=PROG)
     return config, None, known.dry_run
+
+
+PROG = "mjxsac-train"
+
+
+def _same_path(a: str | Path, b: str | Path) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def check_resume(run_dir: Path, step: int, saved: Config, config: Config) -> None:
+    """What a resume can apply, checked before anything is changed: a total beyond the
+    steps already done, and a ``config.json`` that still is the checkpoint's (a hand edit
+    of a field the resume cannot change is refused; one it would overwrite is named).
+    The fields the resume changes are named."""
+    planned = config.num_chunks * config.env_steps_per_chunk
+    if planned < step:
+        raise UserError(
+            f"total_steps {config.total_steps:,} is below the {step:,} env steps the run has "
+            f"done: a resume trains on to a larger total (without --total-steps it keeps "
+            f"{saved.total_steps:,})"
+        )
+    old, new = saved.to_dict(), config.to_dict()
+    path = run_dir / "config.json"
+    if path.exists():
+        try:
+            written = Config.from_saved(json.loads(path.read_text())).to_dict()
+        except (ValueError, TypeError) as e:
+            raise UserError(
+                f"{path} is not the run's config ({' '.join(str(e).split())[:120]}): restore "
+                "it, or delete it and the resume writes it anew from the checkpoint (nothing "
+                "was changed)"
+            ) from None
+        edited = [k for k in old if k != "run_dir" and written[k] != old[k]]
+        shape = [k for k in edited if k not in RESUMABLE_CHANGES]
+        if shape:
+            details = ", ".join(f"{k}: {written[k]!r} there, {old[k]!r} in the checkpoint"
+                                for k in shape)  # fmt: skip
+            raise UserError(
+                f"{path} does not match the checkpoint ({details}): a resume continues the "
+                "checkpoint's run and cannot change these; restore config.json, or delete it "
+                "and the resume writes it anew (nothing was changed)"
+            )
+        ignored = [k for k in edited if new[k] == old[k]]  # not given on the command line
+        if ignored:
+            details = ", ".join(f"{k} {written[k]!r}" for k in ignored)
+            flags = " ".join(f"--{k.replace('_', '-')} {written[k]}" for k in ignored)
+            print(f"mjxsac-train: {path} holds {details}, which the checkpoint does not: "
+                  f"resuming with the checkpoint's (give {flags} to change it)",
+                  file=sys.stderr)  # fmt: skip
+    changed = [k for k in old if k != "run_dir" and new[k] != old[k]]
+    if changed:
+        details = ", ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in changed)
+        print(f"mjxsac-train: the resume changes {details}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -305,33 +370,40 @@ def main(argv: list[str] | None = None) -> None:
     quiet_libraries(debug_requested(argv))
     wandb_log = None
     run = None
+    scratch = None  # a dry run's wandb files go to a temporary directory
     code: int | str = 0
     try:
-        with one_line_errors("mjxsac-train", debug_requested(argv)):
+        with one_line_errors(PROG, debug_requested(argv)):
             try:
                 cache_setting, argv = compile_cache.option(argv)  # first: before compiling
-                cache_dir = compile_cache.configure_for("mjxsac-train", cache_setting)
+                cache_dir = compile_cache.configure_for(PROG, cache_setting)
                 tally = compile_cache.Tally()
                 config, resume, dry_run = parse_args(argv)
                 if not resume and config.run_dir:  # before wandb writes into it
-                    RunDir(config.run_dir).refuse_if_holds_run()
+                    RunDir(config.run_dir).check_new()
                 if config.wandb:  # a sweep agent's values arrive through run.config
-                    wandb_log, config = WandbLog.start(config)
-                config = config.validate()
+                    if dry_run:
+                        scratch = tempfile.TemporaryDirectory(prefix="mjxsac-dry-run-")
+                    directory = Path(scratch.name) if scratch else None
+                    wandb_log, config = WandbLog.start(config, directory)
+                config = config.validate().check_run()
                 if not config.run_dir:
                     run_dir = str(default_run_dir(config))
                     config = Config.from_dict({**config.to_dict(), "run_dir": run_dir})
                 trainer = Trainer(config)
-                memory = check_memory(trainer, refuse=not dry_run)
+                memory = check_memory(trainer)
+                if dry_run:  # the resolved config, shown; nothing compiled or written
+                    dry = RunDir(config.run_dir)
+                    if not resume:
+                        dry.check_new()
+                    dry.check_free()
+                    print(json.dumps(config.to_dict(), indent=1))
+                    print(f"mjxsac-train: dry run, nothing written; {memory}")
+                    return
                 run = RunDir(config.run_dir)
                 notice = run.claim(resume=resume is not None)
                 if notice:
                     print(f"mjxsac-train: {notice}", file=sys.stderr)
-                if dry_run:  # the resolved config, written and shown; nothing compiled
-                    run.write_config(config)
-                    print(json.dumps(config.to_dict(), indent=1))
-                    print(f"mjxsac-train: dry run; {memory}")
-                    return
                 state = restore(run, trainer) if resume else None
                 run.write_config(config)
             except KeyboardInterrupt:
@@ -347,6 +419,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if wandb_log:
             wandb_log.finish(0 if code == 0 else 1)
+        if scratch is not None:
+            scratch.cleanup()
         if run is not None:
             run.release()
     if code:
@@ -355,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def restore(run: RunDir, trainer: Trainer) -> TrainState:
     """The newest checkpoint that restores; damaged newer ones are named and set aside."""
-    ckpt = Checkpoints(run.checkpoints, read_only=True, prog="mjxsac-train")
+    ckpt = Checkpoints(run.checkpoints, read_only=True, prog=PROG)
     state = trainer.set_data(ckpt.restore(trainer))  # this config's rates, gamma, ...
     step = env_steps(state)
     for moved in ckpt.set_aside(newer_than=step):
@@ -365,12 +439,59 @@ def restore(run: RunDir, trainer: Trainer) -> TrainState:
     return state
 
 
+class SignalHandler:
+    """The main thread's answer to SIGINT, SIGTERM and SIGHUP (a dropped ssh session).
+    The first asks for a checkpoint after the running chunk and says so; a later one ends
+    the process at once, keeping the last complete checkpoint. The same SIGTERM or SIGHUP
+    again within ``REPEAT_S`` is the same request (``timeout`` and batch schedulers signal
+    the process and its process group); a second Ctrl-C always stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    REPEAT_S = 1.0
+
+    def __init__(self, stop: StopRequest, run: RunDir, exit=os._exit, clock=time.monotonic):
+        self.stop, self.run, self.exit, self.clock = stop, run, exit, clock
+        self.first_at = -float("inf")
+
+    def __call__(self, signum: int, frame=None) -> None:
+        name = signal.Signals(signum).name
+        now = self.clock()
+        if not self.stop:
+            self.stop.signums.append(signum)
+            self.first_at = now
+            say(f"\nmjxsac-train: {name} received: finishing the running chunk, then saving a "
+                "checkpoint and exiting (send it again to stop at once, keeping the last "
+                "complete checkpoint)")  # fmt: skip
+            return
+        repeat = signum == self.stop.signums[0] and signum != signal.SIGINT
+        if repeat and now - self.first_at < self.REPEAT_S:
+            return  # the first request, delivered twice
+        say(f"\nmjxsac-train: second signal ({name}): stopping now; {self.kept()}")
+        self.run.release()
+        self.exit(128 + signum)
+
+    def kept(self) -> str:
+        if Checkpoints.exist(self.run.checkpoints):
+            return (f"the last complete checkpoint in {self.run.checkpoints} is kept. Continue "
+                    f"with: mjxsac-train --resume {quoted(self.run.path)}")  # fmt: skip
+        if self.run.holds_run():
+            return ("no checkpoint was saved yet, so the run cannot be resumed: start it anew "
+                    "with another --run-dir")  # fmt: skip
+        return ("no checkpoint was saved yet, so there is nothing to resume: start the run "
+                "again (the same command)")  # fmt: skip
+
+
+def say(text: str) -> None:
+    """A line on stderr that a terminal gone away (SIGHUP) cannot turn into an error."""
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=sys.stderr, flush=True)
+
+
 def run_with_signals(trainer: Trainer, run: RunDir, state: TrainState | None,
                      wandb_log: WandbLog | None, debug: bool = False) -> int | str:  # fmt: skip
-    """Train in a worker thread; this (main) thread handles SIGINT/SIGTERM at once, even
-    while XLA compiles. The first signal asks for a checkpoint after the running chunk and
-    says so; a second one exits within moments, keeping the last complete checkpoint.
-    Returns the exit code (or the one-line message of a failure)."""
+    """Train in a worker thread; this (main) thread handles SIGINT/SIGTERM/SIGHUP at once,
+    even while XLA compiles (``SignalHandler``). Returns the exit code (or the one-line
+    message of a failure)."""
     stop = StopRequest()
     outcome: dict = {}
 
@@ -384,39 +505,28 @@ def run_with_signals(trainer: Trainer, run: RunDir, state: TrainState | None,
         except BaseException as e:
             outcome["error"] = e
 
-    def on_signal(signum: int, frame) -> None:
-        name = signal.Signals(signum).name
-        if stop:
-            print(f"\nmjxsac-train: second signal ({name}): stopping now; the last complete "
-                  f"checkpoint in {run.checkpoints} is kept. Continue with: mjxsac-train "
-                  f"--resume {run.path}", file=sys.stderr, flush=True)  # fmt: skip
-            run.release()
-            os._exit(128 + signum)
-        stop.signums.append(signum)
-        print(f"\nmjxsac-train: {name} received: finishing the running chunk, then saving a "
-              "checkpoint and exiting (send it again to stop at once, keeping the last "
-              "complete checkpoint)", file=sys.stderr, flush=True)  # fmt: skip
-
     worker = threading.Thread(target=work, name="mjxsac-train", daemon=True)
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    handler = SignalHandler(stop, run)
+    previous = {s: signal.signal(s, handler) for s in SignalHandler.SIGNALS}
     try:
         worker.start()
         while worker.is_alive():
             worker.join(0.1)
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
     error = outcome.get("error")
     if error is None:
         return 0
     if isinstance(error, Stopped):
-        print(f"\nmjxsac-train: stopped by {error}; checkpoint saved in {run.checkpoints}. "
-              f"Continue with: mjxsac-train --resume {run.path}", file=sys.stderr)  # fmt: skip
+        say(f"\nmjxsac-train: stopped by {error}; checkpoint saved in {run.checkpoints}. "
+            f"Continue with: mjxsac-train --resume {quoted(run.path)}")  # fmt: skip
         return 128 + error.signum
     if isinstance(error, UserError) and not debug:
         hint = ""
         if not isinstance(error, NonFiniteError) and Checkpoints.exist(run.checkpoints):
-            hint = f"; the last complete checkpoint is kept: then mjxsac-train --resume {run.path}"
+            hint = ("; the last complete checkpoint is kept: then mjxsac-train --resume "
+                    f"{quoted(run.path)}")  # fmt: skip
         return f"mjxsac-train: {error}{hint}"
     raise error
 

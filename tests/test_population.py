@@ -227,3 +227,10 @@ def test_wandb_logs_each_member_as_a_run_of_its_group(tmp_path, monkeypatch):
         assert b"pop-wandb" in log, "grouped under the population's name"
         assert b"eval/return_mean" in log and b"loss/critic_loss" in log
     assert any(b"0.9" in log for log in logs) and any(b"0.99" in log for log in logs)
+    # The run's checkpoint serves one more check: a resume cannot give the varied field a
+    # new value (every member keeps its own), and the refusal changes nothing.
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    with pytest.raises(SystemExit, match=r"the population varies gamma \(each member's own: "):
+        train_cli.main(["--resume", str(run_dir), "--gamma", "0.95"])
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before

@@ -122,6 +122,9 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     def stop_after_first_chunk():
         while not metrics.exists() or not metrics.read_text():
             time.sleep(0.05)
+        # As GNU timeout and batch schedulers send it: to the process and to its group,
+        # one request in two signals.
+        os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=stop_after_first_chunk, daemon=True).start()
@@ -271,10 +274,11 @@ SWEEP_CASES.append(pytest.param("Hopper", ["--seeds", "0-3"], id="Hopper-seeds")
 
 
 @pytest.mark.parametrize("task, extra", SWEEP_CASES)
-def test_sweep_runs_as_the_wandb_agent_starts_it(task, extra, tmp_path, monkeypatch):
+def test_sweep_runs_as_the_wandb_agent_starts_it(task, extra, tmp_path, monkeypatch, capfd):
     """Load the sweep, sample it, and let wandb's own agent code build and start the
     command (values on the command line and in WANDB_SWEEP_PARAM_PATH); the run's
-    config must hold the sampled values. ``--dry-run`` stops before training."""
+    config must hold the sampled values. ``--dry-run`` stops before training and prints
+    the resolved config, writing nothing."""
     from wandb.wandb_agent import Agent
 
     sweep = yaml.safe_load((SWEEPS / f"{task}.yaml").read_text())
@@ -300,9 +304,9 @@ def test_sweep_runs_as_the_wandb_agent_starts_it(task, extra, tmp_path, monkeypa
     args = {k: {"value": v} for k, v in params.items()}
     agent._command_run({"run_id": run_id, "program": sweep["program"], "args": args})
     assert agent._run_processes[run_id].wait(timeout=300) == 0
-    configs = list((tmp_path / "runs").glob("*/config.json"))
-    assert len(configs) == 1
-    saved = json.loads(configs[0].read_text())
+    assert not (tmp_path / "runs").exists(), "a dry run writes nothing"
+    out = capfd.readouterr().out
+    saved = json.loads(out[out.index("{\n") : out.index("\n}\n") + 2])
     for key, value in params.items():
         assert saved[key] == value, key
     assert saved["wandb"] is True
@@ -585,8 +589,10 @@ def test_render_without_osmesa_is_a_one_line_error(trained, tmp_path):
 
 
 def test_second_signal_during_compilation_stops_at_once(tmp_path):
-    """The first SIGINT says what will happen; the second, sent while the first chunk is
-    still compiling, ends the process within seconds (130), without a traceback."""
+    """The first request says what will happen; the second, sent while the first chunk is
+    still compiling, ends the process within seconds, without a traceback. The first is a
+    SIGHUP (a dropped ssh session) sent as ``timeout`` and batch schedulers send a signal,
+    to the process and to its group: one request in two signals, so the run goes on."""
     import subprocess
 
     run_dir = tmp_path / "signals"
@@ -594,17 +600,21 @@ def test_second_signal_during_compilation_stops_at_once(tmp_path):
     argv = [*BASE, "--batch-size", "128", "--total-steps", "4000", "--run-dir", str(run_dir)]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "mjxsac.train", *argv], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
     try:
         for line in proc.stdout:  # printed right before the first chunk compiles
             if line.startswith("run directory"):
                 break
         time.sleep(1.0)
-        proc.send_signal(signal.SIGINT)
+        os.kill(proc.pid, signal.SIGHUP)
+        os.killpg(proc.pid, signal.SIGHUP)
         first_line = proc.stderr.readline()
         while "no accelerator" in first_line or not first_line.strip():
             first_line = proc.stderr.readline()
-        assert "SIGINT received: finishing the running chunk" in first_line
+        assert "SIGHUP received: finishing the running chunk" in first_line
+        time.sleep(1.5)
+        assert proc.poll() is None, "one request, delivered twice, does not stop at once"
         sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=10)
@@ -614,5 +624,91 @@ def test_second_signal_during_compilation_stops_at_once(tmp_path):
         proc.kill()
     assert code == 130
     assert stopped_after < 3.0, stopped_after
-    assert "second signal" in rest and "Traceback" not in rest
+    assert "second signal (SIGINT)" in rest and "Traceback" not in rest
+    assert "no checkpoint was saved yet" in rest and "--resume" not in rest
     assert not (run_dir / "metrics.jsonl").exists(), "stopped during the first compilation"
+
+
+# ---- a resume applies what it is asked, or changes nothing ---------------------------------
+
+
+def test_resume_dry_run_and_refusals_change_nothing(trained, tmp_path, capsys):
+    run_dir = copy_run(trained, tmp_path / "asked")
+    before = snapshot(run_dir)
+    train_cli.main(["--resume", str(run_dir), "--dry-run", "--critic-lr", "1e-4"])
+    captured = capsys.readouterr()
+    assert "the resume changes critic_lr 0.0003 -> 0.0001" in captured.err
+    assert "nothing written" in captured.out
+    for argv, message in [
+        (["--total-steps", "4000"], "total_steps 4,000 is below the 6,000 env steps"),
+        (["--run-dir", str(tmp_path / "elsewhere")], "--run-dir cannot be combined"),
+        (["--dry-run", "--total-steps", "2000"], "is below the 6,000 env steps"),
+        (["--dry-run", "--buffer-size", str(10**12)], "different run"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            train_cli.main(["--resume", str(run_dir), *argv])
+        assert message in one_line(exit_info, capsys), argv
+    assert snapshot(run_dir) == before, "nothing changed"
+    assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: {**c, "env": "Hopper"}, "does not match the checkpoint (env: 'Hopper' there"),
+        (lambda c: "{broken", "is not the run's config"),
+        (lambda c: {k: v for k, v in c.items() if k != "num_envs"}, "is not the run's config"),
+    ],
+    ids=["another env", "broken JSON", "a field removed"],
+)
+def test_resume_refuses_a_hand_edited_config_json(trained, tmp_path, edit, message, capsys):
+    run_dir = copy_run(trained, tmp_path / "edited")
+    config = json.loads((run_dir / "config.json").read_text())
+    edited = edit(config)
+    (run_dir / "config.json").write_text(edited if isinstance(edited, str) else json.dumps(edited))
+    before = snapshot(run_dir)
+    for argv in (["--dry-run"], []):
+        with pytest.raises(SystemExit) as exit_info:
+            train_cli.main(["--resume", str(run_dir), *argv])
+        assert message in one_line(exit_info, capsys)
+    assert snapshot(run_dir) == before, "nothing changed"
+
+
+def test_resume_names_a_hand_edit_it_would_overwrite(trained, tmp_path, capsys):
+    run_dir = copy_run(trained, tmp_path / "edited")
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "eval_every": 7}))
+    train_cli.main(["--resume", str(run_dir), "--dry-run"])
+    err = capsys.readouterr().err
+    assert "holds eval_every 7, which the checkpoint does not" in err
+    assert "give --eval-every 7 to change it" in err
+
+
+def test_an_unreadable_checkpoint_stops_the_resume_and_changes_nothing(trained, tmp_path):
+    """A permission error is not damage: no rollback, nothing set aside, no metrics rows
+    dropped; one line names the file. Run as another process without the right to read
+    the file (for root: without the capabilities that override file modes)."""
+    import shutil
+    import subprocess
+
+    run_dir = copy_run(trained, tmp_path / "unreadable")
+    data = max((p for p in (run_dir / "checkpoints" / "6000" / "state").rglob("*")
+                if p.is_file()), key=lambda p: p.stat().st_size)  # fmt: skip
+    before = snapshot(run_dir)
+    data.chmod(0)
+    command = [sys.executable, "-m", "mjxsac.train", "--resume", str(run_dir)]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("root reads any file, and setpriv is missing to drop that right")
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        data.chmod(0o644)
+    assert done.returncode == 1, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"mjxsac-train: cannot read {data} (Permission denied)"), last
+    assert "Traceback" not in done.stderr and "skipping" not in done.stderr
+    assert snapshot(run_dir) == before, "nothing rolled back, moved or rewritten"
+    assert not (run_dir / "checkpoints-unusable").exists()
