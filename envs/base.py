@@ -101,6 +101,9 @@ class PhysicsOptions:
     faithful: bool = True
     """Correct MJX where it departs from C MuJoCo (RK4 on free joints, contact geometry;
     see ``envs/physics.py``). False runs plain ``mjx.step``."""
+    tolerance: float | None = None
+    """The constraint solver's convergence tolerance (MuJoCo's ``opt.tolerance``, 1e-8 in
+    the XMLs); 0 disables early termination."""
 
     def __post_init__(self):
         for kind, name in ((Solver, "solver"), (Integrator, "integrator"), (Cone, "cone")):
@@ -116,6 +119,12 @@ class PhysicsOptions:
                 raise ValueError(f"{name} must be a positive integer or 'xml', got {value!r}")
         if not isinstance(self.faithful, bool):
             raise ValueError(f"faithful must be true or false, got {self.faithful!r}")
+        if self.tolerance is not None and not (
+            isinstance(self.tolerance, int | float)
+            and not isinstance(self.tolerance, bool)
+            and 0 <= self.tolerance < float("inf")
+        ):
+            raise ValueError(f"tolerance must be a finite number >= 0, got {self.tolerance!r}")
 
     def apply(self, model: mujoco.MjModel) -> None:
         """Write the chosen options into ``model.opt`` (in place)."""
@@ -131,6 +140,8 @@ class PhysicsOptions:
         for name in ("iterations", "ls_iterations"):
             if getattr(self, name) not in (None, XML):
                 setattr(opt, name, getattr(self, name))
+        if self.tolerance is not None:
+            opt.tolerance = self.tolerance
 
     def with_task_defaults(self, defaults: dict[str, int]) -> PhysicsOptions:
         """These options, with the task's default for each iteration cap left at None."""
@@ -149,7 +160,7 @@ def add_physics_arguments(parser) -> None:
     def cap(text: str) -> int | str:
         return XML if text.lower() == XML else int(text)
 
-    kinds = {"iterations": cap, "ls_iterations": cap, "faithful": boolean}
+    kinds = {"iterations": cap, "ls_iterations": cap, "faithful": boolean, "tolerance": float}
     for field in dataclasses.fields(PhysicsOptions):
         parser.add_argument(
             f"--{field.name.replace('_', '-')}",

@@ -28,7 +28,6 @@ import sys
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from envs.base import Env, PhysicsOptions, add_physics_arguments, physics_from_arguments
@@ -61,25 +60,43 @@ def gym_env(name: str, physics: PhysicsOptions | None = None):
     return env
 
 
+Policy = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+"""Chooses an action (in the control range) from Gymnasium's observation."""
+
+
 def record_one_step(
-    name: str, steps: int, seed: int = 0, physics: PhysicsOptions | None = None
+    name: str,
+    steps: int,
+    seed: int = 0,
+    physics: PhysicsOptions | None = None,
+    policy: Policy | None = None,
 ) -> list[GymStep]:
-    """Run Gymnasium with uniform random actions; before each step, ``set_state`` the
-    current (qpos, qvel) so that the step starts from exactly what ``reset_to`` builds."""
+    """Run Gymnasium with uniform random actions (or ``policy``'s); before each step,
+    ``set_state`` the current (qpos, qvel) so that the step starts from exactly what
+    ``reset_to`` builds. An episode ends at a termination or at the time limit (1,000
+    steps, Gymnasium's ``TimeLimit``); the next starts from a reset with a fresh seed."""
+    import envs
+
     env = gym_env(name, physics)
     rng = np.random.default_rng(seed)
-    env.reset(seed=seed)
+    obs, _ = env.reset(seed=seed)
     low, high = env.action_space.low, env.action_space.high
-    out = []
+    limit = envs.env_class(name).episode_length
+    out, episode_steps = [], 0
     for _ in range(steps):
         qpos, qvel = env.data.qpos.copy(), env.data.qvel.copy()
         env.set_state(qpos, qvel)
         warmstart = env.data.qacc_warmstart.copy()
-        action = rng.uniform(low, high).astype(np.float64)
+        if policy is None:
+            action = rng.uniform(low, high).astype(np.float64)
+        else:
+            action = np.asarray(policy(obs, rng), np.float64)
         obs, reward, terminated, _, info = env.step(action)
         out.append(GymStep(qpos, qvel, warmstart, action, obs, float(reward), terminated, info))
-        if terminated:
-            env.reset(seed=int(rng.integers(2**31)))
+        episode_steps += 1
+        if terminated or episode_steps == limit:
+            obs, _ = env.reset(seed=int(rng.integers(2**31)))
+            episode_steps = 0
     return out
 
 
@@ -89,22 +106,62 @@ def compiled(env: Env) -> tuple[Callable, Callable]:
     return jax.jit(env.reset_to), jax.jit(env.step)
 
 
-def one_step_parity(env: Env, record: list[GymStep]) -> dict[str, np.ndarray]:
+@functools.cache
+def compiled_one_step(env: Env) -> Callable:
+    """From a batch of (qpos, qvel, warmstart, action): ``reset_to``, the warmstart, one
+    ``step``; jitted once per env and batch shape."""
+
+    def one(qpos, qvel, warmstart, action):
+        state = env.reset_to(qpos, qvel)
+        state = state.replace(data=state.data.replace(qacc_warmstart=warmstart))
+        state = env.step(state, action)
+        return state.obs, state.reward, state.terminated, state.metrics
+
+    return jax.jit(jax.vmap(one))
+
+
+def one_step_outputs(
+    env: Env, record: list[GymStep], batch_size: int = 1000
+) -> dict[str, np.ndarray]:
+    """Our ``obs``, ``reward``, ``terminated`` and reward terms after one step from each
+    recorded state. The steps are independent, so they run vmapped, ``batch_size`` at a
+    time (the last batch padded, as is a record shorter than a batch, to a power of two):
+    one compiled program per env for a whole record. A vmapped solve freezes each env when
+    its own solve converges, as one env alone would."""
+    step = compiled_one_step(env)
+    n = len(record)
+    size = min(batch_size, 1 << (n - 1).bit_length())  # a power of two: few programs
+    fields = ("qpos", "qvel", "warmstart", "action")
+    inputs = [np.stack([getattr(r, f) for r in record]) for f in fields]
+    names = ("obs", "reward", "terminated", *env.metric_names)
+    out: dict[str, list] = {k: [] for k in names}
+    for start in range(0, n, size):
+        rows = np.minimum(np.arange(start, start + size), n - 1)  # pad with the last step
+        obs, reward, terminated, metrics = step(*(x[rows] for x in inputs))
+        keep = min(size, n - start)
+        values = (obs, reward, terminated, *(metrics[k] for k in env.metric_names))
+        for k, v in zip(names, values, strict=True):
+            out[k].append(np.asarray(v)[:keep])
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def one_step_parity(
+    env: Env, record: list[GymStep], batch_size: int = 1000
+) -> dict[str, np.ndarray]:
     """Per-step absolute differences of our step against the recorded Gymnasium steps."""
-    reset_to, step = compiled(env)
-    diffs: dict[str, list] = {"obs": [], "reward": [], "terminated": []}
+    return compare(env, one_step_outputs(env, record, batch_size), record)
+
+
+def compare(env: Env, ours: dict[str, np.ndarray], record: list[GymStep]) -> dict:
+    """``one_step_outputs`` against the record: absolute differences per step."""
+    diffs = {
+        "obs": np.abs(ours["obs"] - np.stack([r.obs for r in record])),
+        "reward": np.abs(ours["reward"] - np.array([r.reward for r in record])),
+        "terminated": ours["terminated"] != np.array([r.terminated for r in record]),
+    }
     for k in env.metric_names:
-        diffs[k] = []
-    for r in record:
-        state = reset_to(r.qpos, r.qvel)
-        state = state.replace(data=state.data.replace(qacc_warmstart=jnp.asarray(r.warmstart)))
-        state = step(state, r.action)
-        diffs["obs"].append(np.abs(np.asarray(state.obs) - r.obs))
-        diffs["reward"].append(abs(float(state.reward) - r.reward))
-        diffs["terminated"].append(bool(state.terminated) != r.terminated)
-        for k in env.metric_names:
-            diffs[k].append(abs(float(state.metrics[k]) - float(r.info[k])))
-    return {k: np.asarray(v) for k, v in diffs.items()}
+        diffs[k] = np.abs(ours[k] - np.array([float(r.info[k]) for r in record]))
+    return diffs
 
 
 def trajectory_parity(

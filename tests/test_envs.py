@@ -51,12 +51,17 @@ def test_unknown_and_bad_options():
         envs.make("Hopper", iterations=0)
     with pytest.raises(ValueError, match="ls_iterations must be a positive integer or 'xml'"):
         envs.make("Hopper", ls_iterations="50")
+    for bad in (-1e-9, float("nan"), float("inf"), "1e-8", True):
+        with pytest.raises(ValueError, match="tolerance must be a finite number >= 0"):
+            envs.make("Hopper", tolerance=bad)
 
 
 def test_options_reach_the_model():
-    env = envs.make("Humanoid", integrator="euler", iterations=4, ls_iterations=8)
+    env = envs.make("Humanoid", integrator="euler", iterations=4, ls_iterations=8, tolerance=0)
     opt = env.mj_model.opt
-    assert (opt.integrator, opt.iterations, opt.ls_iterations) == (0, 4, 8)
+    assert (opt.integrator, opt.iterations, opt.ls_iterations, opt.tolerance) == (0, 4, 8, 0)
+    assert env.mjx_model.opt.tolerance == 0
+    assert envs.make("Humanoid").mjx_model.opt.tolerance == 1e-8
     # Humanoid's XML asks for PGS, which MJX lacks: Newton stands in.
     assert envs.make("Humanoid").mj_model.opt.solver == 2
     assert envs.make("Hopper", ctrl_cost_weight=0.5).ctrl_cost_weight == 0.5
