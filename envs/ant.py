@@ -26,7 +26,7 @@ class Ant(Env):
     uses_cfrc_ext = True
     before_fields = ("xpos",)  # the torso's position before the step (the velocity term)
 
-    solver_defaults = {"iterations": 8, "ls_iterations": 8}  # see docs/ENVIRONMENTS.md
+    solver_defaults = {"iterations": 8, "ls_iterations": 4}  # see docs/ENVIRONMENTS.md
     defaults = {
         "forward_reward_weight": 1.0,
         "ctrl_cost_weight": 0.5,

@@ -18,7 +18,7 @@ class HalfCheetah(Env):
     xml = "half_cheetah.xml"
     frame_skip = 5
 
-    solver_defaults = {"iterations": 4, "ls_iterations": 4}  # see docs/ENVIRONMENTS.md
+    solver_defaults = {"iterations": 8, "ls_iterations": 4}  # see docs/ENVIRONMENTS.md
     defaults = {"forward_reward_weight": 1.0, "ctrl_cost_weight": 0.1, "reset_noise_scale": 0.1}
     qvel_noise = "normal"
 

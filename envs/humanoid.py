@@ -25,7 +25,7 @@ class Humanoid(Env):
     frame_skip = 5
     uses_cfrc_ext = True
     before_fields = ("xipos",)  # the mass centre before the step (the velocity term)
-    solver_defaults = {"iterations": 8, "ls_iterations": 8}  # see docs/ENVIRONMENTS.md
+    solver_defaults = {"iterations": 8, "ls_iterations": 4}  # see docs/ENVIRONMENTS.md
 
     defaults = {
         "forward_reward_weight": 1.25,

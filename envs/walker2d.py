@@ -19,7 +19,7 @@ class Walker2d(Env):
     xml = "walker2d.xml"
     frame_skip = 4
 
-    solver_defaults = {"iterations": 4, "ls_iterations": 4}  # see docs/ENVIRONMENTS.md
+    solver_defaults = {"iterations": 8, "ls_iterations": 4}  # see docs/ENVIRONMENTS.md
     defaults = {
         "forward_reward_weight": 1.0,
         "ctrl_cost_weight": 1e-3,
