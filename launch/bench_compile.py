@@ -13,10 +13,8 @@ are loaded, not compiled. The phases, in the order the training command runs the
   the model, networks, optimizers), ``init`` (the first TrainState: jit of the init
   program, and running it);
 * ``train_trace``, ``train_lower``, ``train_compile``: the train chunk through jit's
-  ahead-of-time stages (trace to a jaxpr, lower to StableHLO, compile or load it). With
-  the cache on, ``trace`` loads the traced program kept by an earlier process, or traces
-  and lowers it (``jax.export``) and keeps it, and ``lower`` lowers a call to it
-  (``mjxsac/traced.py``);
+  ahead-of-time stages (trace to a jaxpr, lower to StableHLO, compile it or, with the
+  cache on, load it);
 * ``first_chunk``: running it (its updates start after ``warmup_steps``);
 * ``eval_trace``, ``eval_lower``, ``eval_compile``: evaluation, in a worker thread while
   the first chunk runs where that can overlap (an accelerator, or several CPU cores), as
@@ -28,8 +26,7 @@ are loaded, not compiled. The phases, in the order the training command runs the
 first ``updates_per_step`` updates and its end *is* the first update, not an upper bound
 that adds a chunk of training compute. ``to_eval_ready`` adds what is left of
 evaluation's compilation. Each run also reports the programs compiled and loaded (JAX's
-compile events and cache logging), the traced programs loaded and traced, and the
-updates in the first chunk. The default config
+compile events and cache logging) and the updates in the first chunk. The default config
 is the ``parallel`` preset scaled to a CPU: 16 envs, batch 256, a buffer of 100,000
 (``--set`` overrides any field).
 """

@@ -19,10 +19,9 @@ executables are written to disk and the next process loads them instead of compi
   change of the code that changes the program is a miss and compiles anew; only an
   identical program is reused. Anyone who can write the directory can make a process run
   code, so keep it private (the default is in the user's home).
-* Traced programs: JAX's key is the traced program, so a process must trace its programs
-  (run the envs' and losses' Python) before it can load them: 3-4 s on the CPU. The
-  traced programs are kept too, in ``<dir>/traced``, keyed by everything their Python
-  could have depended on (``mjxsac/traced.py``), and a second process loads them instead.
+* Tracing: JAX's key is the traced program, so a later process still traces and lowers
+  its programs (3-5 s on the CPU) before it can load them; what it saves is compiling.
+  Nothing is keyed by a digest of Python code (which can serve a stale program).
 
 ``configure`` must run before the first compilation of the process (the CLI calls it
 first thing). ``Tally`` counts compilations, cache hits and misses (by program name)
@@ -40,8 +39,6 @@ import warnings
 from pathlib import Path
 
 import jax
-
-from mjxsac import traced
 
 ENV = "MJXSAC_COMPILE_CACHE"
 OFF = "off"
@@ -101,7 +98,6 @@ def configure(setting: str | None = None) -> Path | None:
     """Turn the persistent cache on in ``resolve(setting)`` (created if missing) or off.
     Call it before anything compiles; returns the directory in use."""
     path = resolve(setting)
-    traced.configure(None if path is None else path / "traced")
     if path is None:
         jax.config.update("jax_enable_compilation_cache", False)
         return None
@@ -162,8 +158,7 @@ class Tally:
 
     def __init__(self) -> None:
         _install()
-        self._start = (len(_programs), len(_hits), len(_misses), len(traced.loaded()),
-                       len(traced.traced()))  # fmt: skip
+        self._start = (len(_programs), len(_hits), len(_misses))
 
     @property
     def programs(self) -> int:
@@ -181,31 +176,18 @@ class Tally:
     def compiled(self) -> int:
         return self.programs - len(self.hits)
 
-    @property
-    def traces_loaded(self) -> list[str]:
-        """Traced programs loaded from the cache (``mjxsac.traced``)."""
-        return traced.loaded()[self._start[3] :]
-
-    @property
-    def traced(self) -> list[str]:
-        """Programs traced (and kept in the cache) in this process."""
-        return traced.traced()[self._start[4] :]
-
     def counts(self) -> dict:
         seconds = sum(_programs[self._start[0] :])
         return {"programs": self.programs, "compiled": self.compiled,
                 "cache_hits": len(self.hits), "cache_misses": len(self.misses),
-                "compile_or_load_s": round(seconds, 3), "traces_loaded": self.traces_loaded,
-                "traced": self.traced}  # fmt: skip
+                "compile_or_load_s": round(seconds, 3)}  # fmt: skip
 
     def summary(self, path: Path | None) -> str:
         """One line for the user: where the cache is, what was loaded and compiled."""
         if path is None:
             return f"compilation cache off; {self.compiled} programs compiled"
         return (
-            f"compilation cache {path}: {len(self.hits)} programs loaded, {self.compiled} "
-            f"compiled; traced programs: {len(self.traces_loaded)} loaded, {len(self.traced)} "
-            "traced"
+            f"compilation cache {path}: {len(self.hits)} programs loaded, {self.compiled} compiled"
         )
 
 

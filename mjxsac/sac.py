@@ -32,7 +32,6 @@ import envs
 from envs import scale_action
 from mjxsac import buffer as replay
 from mjxsac import normalizer as obs_norm
-from mjxsac import traced
 from mjxsac.config import Config
 from mjxsac.losses import (
     Nets,
@@ -505,11 +504,12 @@ class Trainer:
         return returns, lengths
 
 
-# jit with the trainer static, and with the compilation cache on, their traced programs
-# kept on disk too (mjxsac/traced.py).
-_jit_init = traced.Program(Trainer._init)
-_jit_train_chunk = traced.Program(Trainer._train_chunk, donate=True)
-_jit_evaluate = traced.Program(Trainer._evaluate)
+# jit with the trainer static: its hash and equality are its config's compiled identity,
+# and jit tells trainers of different classes apart by type. Across processes JAX's
+# persistent cache keys a program by its StableHLO, so a subclass's program is its own.
+_jit_init = jax.jit(Trainer._init, static_argnums=0)
+_jit_train_chunk = jax.jit(Trainer._train_chunk, static_argnums=0, donate_argnums=1)
+_jit_evaluate = jax.jit(Trainer._evaluate, static_argnums=0)
 
 
 def default_device() -> jax.Device:
