@@ -175,3 +175,17 @@ def test_the_caps_check_chooses_the_cheapest_cap_that_passes(tmp_path, x64):
     assert (result["caps"], result["steps"], result["above_1e-6"]) == ("4 / 4", 30, 0)
     assert result["relative_max"] < 1e-12 and result["is_default"]
     assert fidelity.json.loads(out.read_text())["rows"] == [result]
+
+
+@pytest.mark.parametrize("name", envs.NAMES)
+def test_our_models_are_gymnasiums_without_deprecation_warnings(name, capfd):
+    """Our XMLs compile without MuJoCo's deprecation warnings (HalfCheetah's
+    ``settotalmass`` became a geom density) into Gymnasium's models: same masses,
+    inertias and inertial frames to float rounding."""
+    capfd.readouterr()
+    ours = envs.make(name).mj_model
+    assert "deprecated" not in "".join(capfd.readouterr()).lower()
+    theirs = gym_env(name).model
+    for field in ("body_mass", "body_inertia", "body_ipos", "body_iquat", "body_subtreemass"):
+        a, b = getattr(ours, field), getattr(theirs, field)
+        assert np.abs(a - b).max() <= 1e-15 * np.abs(b).max(), field
