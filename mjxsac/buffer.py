@@ -28,21 +28,13 @@ class ReplayBuffer:
     """Row the next insert writes first."""
     size: jax.Array
     """Rows holding data (grows to ``capacity``, then stays)."""
+    done: jax.Array | None = None
+    """n-step returns only: per row, whether its step ended the episode (terminated or
+    truncated), so that an n-step window stops there."""
 
     @property
     def capacity(self) -> int:
         return self.data.reward.shape[0]
-
-
-@struct.dataclass
-class EpisodeBuffer(ReplayBuffer):
-    """A replay buffer that also stores where episodes end, for n-step returns. (A
-    subclass rather than an optional field: the plain buffer keeps the pytree that
-    checkpoints written before n-step returns hold, so they still restore.)"""
-
-    done: jax.Array
-    """Per row: its step ended the episode (terminated or truncated), so an n-step window
-    stops there."""
 
 
 def transition_spec(obs_size: int, action_size: int) -> Transition:
@@ -65,14 +57,14 @@ def row_bytes(obs_size: int, action_size: int, with_done: bool = False) -> int:
 
 
 def init(capacity: int, obs_size: int, action_size: int, with_done: bool = False) -> ReplayBuffer:
-    """An empty buffer; ``with_done``: an ``EpisodeBuffer`` (n-step returns)."""
+    """An empty buffer; ``with_done``: with the episode ends (n-step returns)."""
     spec = transition_spec(obs_size, action_size)
     data = jax.tree.map(lambda s: jnp.zeros((capacity, *s.shape), s.dtype), spec)
     # Distinct arrays: the buffer is donated, and one array cannot be donated twice.
     index, size = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
     if with_done:
         done = jnp.zeros((capacity,), jnp.bool_)
-        return EpisodeBuffer(data=data, index=index, size=size, done=done)
+        return ReplayBuffer(data=data, index=index, size=size, done=done)
     return ReplayBuffer(data=data, index=index, size=size)
 
 
@@ -84,7 +76,7 @@ def insert(buffer: ReplayBuffer, rows: Transition, done: jax.Array | None = None
     capacity = buffer.capacity
     if n > capacity:
         raise ValueError(f"cannot insert {n} rows into a buffer of {capacity}")
-    if (done is None) == isinstance(buffer, EpisodeBuffer):
+    if (done is None) != (buffer.done is None):
         raise ValueError("pass done exactly when the buffer stores it (n-step returns)")
     idx = (buffer.index + jnp.arange(n)) % capacity
     data = jax.tree.map(lambda column, new: column.at[idx].set(new), buffer.data, rows)
@@ -104,7 +96,7 @@ def sample(buffer: ReplayBuffer, key: jax.Array, batch_size: int) -> Transition:
 
 
 def sample_n_step(
-    buffer: EpisodeBuffer,
+    buffer: ReplayBuffer,
     key: jax.Array,
     batch_size: int,
     n: int,
@@ -118,7 +110,7 @@ def sample_n_step(
 
 
 def windows(
-    buffer: EpisodeBuffer, start: jax.Array, n: int, stride: int, gamma: jax.Array
+    buffer: ReplayBuffer, start: jax.Array, n: int, stride: int, gamma: jax.Array
 ) -> tuple[Transition, jax.Array]:
     """The n-step windows that begin at rows ``start``, and their lengths k.
 
@@ -131,7 +123,7 @@ def windows(
     the target discounts the bootstrap by ``gamma ** k``. Costs 2n gathers of a scalar per
     window plus one per field, whatever the capacity.
     """
-    if not isinstance(buffer, EpisodeBuffer):
+    if buffer.done is None:
         raise ValueError("n-step windows need a buffer that stores done (with_done=True)")
     capacity = buffer.capacity
     newer = (buffer.index - 1 - start) % capacity  # rows written after the first one

@@ -41,7 +41,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from mjxsac.cli import UserError, drop_closed_loop_noise, os_error_in
-from mjxsac.config import DATA, HOST_ONLY, Config
+from mjxsac.config import DATA, HOST_ONLY, Config, FormatVersionError
 from mjxsac.sac import Trainer, TrainState, default_device, env_steps, place
 
 ITEMS = ("state", "policy", "config", "meta")
@@ -137,7 +137,7 @@ class Checkpoints:
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                **items, config=ocp.args.JsonSave(config.to_dict()), meta=ocp.args.JsonSave(meta)
+                **items, config=ocp.args.JsonSave(config.to_saved()), meta=ocp.args.JsonSave(meta)
             ),
             metrics=None if mean is None else {"eval_return": mean},
             force=True,
@@ -206,7 +206,10 @@ class Checkpoints:
 
     def _config(self, step: int) -> Config:
         data = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        return Config.from_saved(data["config"])
+        try:
+            return Config.from_saved(data["config"])
+        except FormatVersionError as e:  # a sound checkpoint of another layout, not damage
+            raise IncompatibleCheckpoint(str(e)) from None
 
     def meta(self, step: int | None = None) -> dict:
         step = self.latest() if step is None else step
@@ -229,35 +232,13 @@ class Checkpoints:
         target = abstract(state_shapes(trainer))
         if not has_buffer:
             target = target.replace(buffer=None)
-        try:
-            state = fill_empty(self._restore_item(step, "state", drop_empty(target)), target)
-        except ValueError as error:  # a tree of another structure
-            state = self._restore_full_env_data(trainer, step, target, error)
+        state = fill_empty(self._restore_item(step, "state", drop_empty(target)), target)
         if not has_buffer:
             members = jnp.arange(trainer.population_size)
             state = state.replace(buffer=jax.vmap(lambda _: trainer.empty_buffer())(members))
         if env_steps(state) != step:
             raise CheckpointError(f"its state is at env step {env_steps(state)}, not {step}")
         return place(state)
-
-    def _restore_full_env_data(
-        self, trainer: Trainer, step: int, target: TrainState, error: ValueError
-    ) -> TrainState:
-        """Checkpoints written before the env states were compact (``Env.compact``) hold
-        every ``Data`` field; restore those and drop what the next step does not read
-        (bit for bit the same run). Any other mismatch raises ``error``."""
-        env = trainer.env
-        data = target.env_state.data
-        full = abstract(jax.eval_shape(jax.vmap(jax.vmap(env.expand)), data))
-        full_target = target.replace(env_state=target.env_state.replace(data=full))
-        try:
-            state = self._restore_item(step, "state", drop_empty(full_target))
-        except Exception:
-            raise error from None
-        state = fill_empty(state, full_target)
-        return state.replace(
-            env_state=state.env_state.replace(data=env.compact(state.env_state.data))
-        )
 
     def restore_policy(self, trainer: Trainer, step: int | None = None) -> tuple[int, dict]:
         """``(step, policy)``: the actor parameters and the normalizer of ``step``

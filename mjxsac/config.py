@@ -19,6 +19,8 @@ import types
 import typing
 from typing import Literal
 
+from mjxsac import __version__
+
 ALGOS = ("sac-v2", "sac-v1")
 # Fields the compiled programs never read: two configs that differ only here compile to the
 # same programs, and a resumed run may change them.
@@ -33,17 +35,19 @@ DATA = frozenset(
     {"seed", "actor_lr", "critic_lr", "alpha_lr", "gamma", "tau", "init_alpha",
      "target_entropy", "reward_scale", "adam_b1", "adam_b2", "weight_decay"}
 )  # fmt: skip
-# Fields added after the first release: a saved config without them gets their defaults.
-ADDED_LATER = frozenset(
-    {"seeds", "vary", "log_std_clamp", "learning_starts", "n_step", "desync_episodes",
-     "critic", "num_atoms", "v_min", "v_max", "actor_q", "policy_delay",
-     "optimizer", "weight_decay", "adam_b1", "adam_b2", "max_grad_norm", "compute_dtype"}
-)  # fmt: skip
+FORMAT_VERSION = 1
+"""The layout of what a run saves (its config, the checkpoint items, the TrainState's
+tree). Written with every config and checkpoint; one of another version is refused,
+naming both (no code is kept to read older layouts). Raise it with any such change."""
 # Data fields a population may vary (``--vary``); the seed varies through ``seeds``.
 VARIABLE = DATA - {"seed"}
 # More members than one program should step (the list of members alone would not fit long
 # before the replay buffers do): refused before anything is built.
 MAX_MEMBERS = 10_000
+
+
+class FormatVersionError(ValueError):
+    """A saved config (so its run or checkpoint) of another format version."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -438,6 +442,11 @@ class Config:
         d["vary"] = list(self.vary)
         return d
 
+    def to_saved(self) -> dict:
+        """``to_dict`` with the format version: what a run writes (config.json, the
+        checkpoints' config item)."""
+        return {"format_version": FORMAT_VERSION, **self.to_dict()}
+
     @classmethod
     def from_dict(cls, d: dict) -> Config:
         """Inverse of ``to_dict``; unknown keys are refused."""
@@ -454,7 +463,18 @@ class Config:
         that lost fields is damaged, not a request for the defaults)."""
         if not isinstance(d, dict):
             raise ValueError(f"the saved config is not a JSON object: {d!r:.80}")
-        missing = sorted({f.name for f in dataclasses.fields(cls)} - set(d) - ADDED_LATER)
+        d = dict(d)
+        version = d.pop("format_version", None)
+        # Without a version, only a whole config is an older layout; a part is damage.
+        if version != FORMAT_VERSION and (version is not None or {"env", "algo"} <= set(d)):
+            written = "no format version (written before versions)" if version is None else (
+                f"format version {version!r}"
+            )  # fmt: skip
+            raise FormatVersionError(
+                f"it has {written}; this mjxsac {__version__} reads format version "
+                f"{FORMAT_VERSION} only: train anew, or use the mjxsac that wrote it"
+            )
+        missing = sorted({f.name for f in dataclasses.fields(cls)} - set(d))
         if missing:
             named = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
             raise ValueError(f"the saved config lacks {len(missing)} fields ({named})")

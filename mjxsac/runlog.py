@@ -191,7 +191,7 @@ class RunDir:
         self._lock = None
 
     def write_config(self, config: Config) -> None:
-        write_atomic(self.path / "config.json", json.dumps(config.to_dict(), indent=1) + "\n")
+        write_atomic(self.path / "config.json", json.dumps(config.to_saved(), indent=1) + "\n")
 
     def write_population(self, config: Config) -> None:
         """``population.json``: each member's index, seed and varied values."""

@@ -60,9 +60,10 @@ PARAMETERS = ("actor", "critic", "target_critic", "value", "target_value", "log_
 
 
 def machine() -> dict[str, str]:
-    """What decides the last bits: the CPU (model, instruction-set flags, core count: XLA
-    compiles for the features it finds and splits work by cores) and the compiler's
-    versions."""
+    """What decides the last bits: the CPU (model, instruction-set flags, and the cores
+    this process may use: XLA compiles for the features it finds and splits its matrix
+    products by threads, so the same run under ``taskset -c 0`` differs in the last bits)
+    and the compiler's versions."""
     import jaxlib
 
     info = {}
@@ -75,7 +76,7 @@ def machine() -> dict[str, str]:
     flags = info.get("flags", "")
     return {
         "cpu": f"{info.get('model name', platform.processor())} (family {info.get('cpu family')}, "
-        f"model {info.get('model')}), {os.cpu_count()} cores",
+        f"model {info.get('model')}), {len(os.sched_getaffinity(0))} cores usable",
         "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16],
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,

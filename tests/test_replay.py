@@ -18,7 +18,7 @@ import pytest
 from envs import scale_action
 from mjxsac import buffer as replay
 from mjxsac.checkpoint import Checkpoints
-from mjxsac.config import Config
+from mjxsac.config import FORMAT_VERSION, Config, FormatVersionError
 from mjxsac.losses import Transition
 from mjxsac.sac import Trainer, chunk_summaries, env_steps
 
@@ -121,11 +121,7 @@ def test_one_step_windows_are_todays_batch():
 
 def test_n_step_buffer_layout_and_refusals():
     assert replay.row_bytes(3, 2, with_done=True) == replay.row_bytes(3, 2) + 1
-    # The plain buffer keeps the pytree that checkpoints written before n-step returns
-    # hold (an extra field, even None, makes Orbax refuse to restore them).
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(
-        replay.init(4, OBS, ACT), is_leaf=lambda x: x is None)]  # fmt: skip
-    assert [p for p in paths if not p.startswith(".data")] == [".index", ".size"]
+    assert replay.init(4, OBS, ACT).done is None
     buf = replay.init(10, OBS, ACT, with_done=True)
     rows, done = step_rows(0)
     with pytest.raises(ValueError, match="pass done"):
@@ -154,10 +150,19 @@ def test_update_start():
     assert Config(warmup_steps=1_000, batch_size=256).update_start == 1_000
     assert Config(warmup_steps=0, batch_size=256).update_start == 256
     assert Config(warmup_steps=10_000, learning_starts=1_000).update_start == 1_000
-    saved = Config().to_dict()
-    for name in ("learning_starts", "n_step", "desync_episodes"):
-        del saved[name]
-    assert Config.from_saved(saved) == Config(), "old saved configs get the defaults"
+
+
+def test_saved_configs_carry_their_format_version():
+    saved = Config().to_saved()
+    assert saved["format_version"] == FORMAT_VERSION and Config.from_saved(saved) == Config()
+    for version in (None, 0, FORMAT_VERSION + 1):
+        other = {k: v for k, v in saved.items() if k != "format_version"}
+        other |= {} if version is None else {"format_version": version}
+        with pytest.raises(FormatVersionError, match=rf"reads format version {FORMAT_VERSION}"):
+            Config.from_saved(other)
+    del saved["n_step"]  # a config that lost a field is damaged, not older
+    with pytest.raises(ValueError, match="lacks 1 fields"):
+        Config.from_saved(saved)
 
 
 def truncations(trainer: Trainer, steps: int):

@@ -23,7 +23,7 @@ import envs
 from mjxsac import render
 from mjxsac import train as train_cli
 from mjxsac.checkpoint import CheckpointError, Checkpoints
-from mjxsac.config import Config
+from mjxsac.config import FORMAT_VERSION, Config
 from mjxsac.runlog import RunDir, RunDirError
 from mjxsac.sac import Trainer, env_steps
 
@@ -69,7 +69,7 @@ def test_checkpoint_contents(trained):
         "eval_return": last_eval,
         "eval_returns": [last_eval],
     }
-    assert ckpt.config().to_dict() == json.loads((trained / "config.json").read_text())
+    assert ckpt.config().to_saved() == json.loads((trained / "config.json").read_text())
     state = final_state(trained)
     assert env_steps(state) == 6000 and int(state.buffer.size[0]) == 6000
     assert np.isfinite(state.log_alpha)
@@ -87,16 +87,18 @@ def test_resume_with_buffer_continues_exactly(trained, tmp_path):
     assert metrics_without_times(run_dir) == metrics_without_times(trained)
 
 
-def test_checkpoint_with_full_env_data_restores_compact(trained, checkpoint_round_trip):
-    """A checkpoint written before env states were compact (every ``Data`` field of
-    every env) restores into today's compact state, dropping only what no step reads."""
-    ckpt = Checkpoints(trained / "checkpoints", read_only=True)
-    trainer = Trainer(ckpt.config())
-    state = ckpt.restore(trainer)
-    expand = jax.vmap(jax.vmap(trainer.env.expand))
-    old = state.replace(env_state=state.env_state.replace(data=expand(state.env_state.data)))
-    restored = checkpoint_round_trip(old, trainer, expected=state)
-    assert restored.env_state.data.xpos is None and old.env_state.data.xpos is not None
+def test_a_checkpoint_of_another_format_version_is_refused(trained, tmp_path):
+    """A run whose checkpoints were written in another format version is refused in one
+    line naming both versions; none of its checkpoints is skipped as damaged or moved."""
+    run_dir = copy_run(trained, tmp_path / "older")
+    for step_dir in (run_dir / "checkpoints").iterdir():
+        path = step_dir / "config" / "metadata"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": 0}))
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main(["--resume", str(run_dir)])
+    message = str(exit_info.value.code)
+    assert "format version 0" in message and f"format version {FORMAT_VERSION}" in message
+    assert "\n" not in message.strip() and not (run_dir / "checkpoints-unusable").exists()
 
 
 def test_resume_refuses_another_task_or_algorithm(trained, capsys):
