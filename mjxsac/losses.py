@@ -260,6 +260,11 @@ def alpha_loss(
     return loss, {"alpha_loss": loss, "alpha": jnp.exp(log_alpha)}
 
 
+# Metrics of the actor and temperature updates: with policy_delay > 1 averaged over the
+# updates that made them.
+ACTOR_METRICS = frozenset({"actor_loss", "entropy", "alpha_loss", "alpha"})
+
+
 def gradient_step(
     loss_fn: Callable[..., tuple[jax.Array, Metrics]],
     params: Params,

@@ -14,8 +14,11 @@ import time
 from pathlib import Path
 from typing import IO
 
+import numpy as np
+
 from mjxsac.cli import UserError, describe_os_error, quoted
 from mjxsac.config import Config
+from mjxsac.losses import ACTOR_METRICS
 
 MARKER = ".mjxsac-run"
 """Written into a run directory when a new run claims it: the directory is a run's, and a
@@ -471,3 +474,30 @@ class WandbLog:
         for run in self.runs:
             run.finish(exit_code=exit_code)
         wandb.teardown(exit_code)
+
+
+# ---- what a chunk's metrics say, per member -----------------------------------------------
+
+
+def chunk_summaries(metrics: dict) -> list[dict[str, float]]:
+    """Each member's chunk summary, from metrics stacked (train step, member)."""
+    host = {k: np.asarray(v) for k, v in metrics.items()}
+    members = next(iter(host.values())).shape[1]
+    return [chunk_summary({k: v[:, i] for k, v in host.items()}) for i in range(members)]
+
+
+def chunk_summary(metrics: dict) -> dict[str, float]:
+    """Reduce one member's stacked per-step metrics to host floats."""
+    m = {k: np.asarray(v) for k, v in metrics.items()}
+    updated = m.pop("updated")
+    actor_updates = m.pop("actor_updates", updated)
+    episodes, returns = m.pop("episodes"), m.pop("episode_return_sum")
+    out = {"train/reward": float(m.pop("reward").mean())}
+    if episodes.sum() > 0:
+        out["train/episode_return"] = float(returns.sum() / episodes.sum())
+    for k, v in m.items():
+        # The actor's metrics are per-step averages over its updates (policy_delay).
+        weight = actor_updates if k in ACTOR_METRICS else updated
+        if weight.sum() > 0:
+            out[f"loss/{k}"] = float((v * weight).sum() / weight.sum())
+    return out

@@ -18,8 +18,8 @@ levels, each short:
 
 from __future__ import annotations
 
-import os
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -34,6 +34,7 @@ from mjxsac import buffer as replay
 from mjxsac import normalizer as obs_norm
 from mjxsac.config import Config
 from mjxsac.losses import (
+    ACTOR_METRICS,
     Nets,
     Support,
     Transition,
@@ -99,9 +100,6 @@ LEARNING_RATES = (("actor_opt", "actor_lr"), ("critic_opt", "critic_lr"),
 # Optimizer settings every optimizer state carries as data (the config field and optax's
 # name); weight decay only where there is one (adamw, not log(alpha)'s Adam).
 OPTIMIZER_DATA = (("adam_b1", "b1"), ("adam_b2", "b2"), ("weight_decay", "weight_decay"))
-# Metrics of the actor and temperature updates: with policy_delay > 1 averaged over the
-# updates that made them.
-ACTOR_METRICS = frozenset({"actor_loss", "entropy", "alpha_loss", "alpha"})
 
 
 class Trainer:
@@ -111,8 +109,9 @@ class Trainer:
         self.config = config.validate()
         c = config
         self.env = envs.make(c.env, **c.env_kwargs())
-        self.train_env = envs.wrap(self.env, c.num_envs, c.episode_length)
-        self.eval_env = envs.VmapEnv(envs.TimeLimit(self.env, c.episode_length), c.eval_envs)
+        self.train_env = envs.wrap(self.env, c.num_envs, c.episode_length, compact=True)
+        limited = envs.TimeLimit(self.env, c.episode_length)
+        self.eval_env = envs.VmapEnv(limited, c.eval_envs, compact=True)
         self.obs_size, self.action_size = self.env.observation_size, self.env.action_size
         hidden, dtype = tuple(c.hidden_sizes), c.compute_dtype
         self.actor = Actor(hidden, self.action_size, c.activation, c.log_std_min, c.log_std_max,
@@ -129,6 +128,11 @@ class Trainer:
         )
         self.actor_opt = self.critic_opt = make_optimizer(c, network=True)
         self.alpha_opt = make_optimizer(c, network=False)
+        self.learner = Learner(
+            nets=self.nets, actor_opt=self.actor_opt, critic_opt=self.critic_opt,
+            alpha_opt=self.alpha_opt, critic_loss=CRITIC_LOSSES[c.algo, c.critic],
+            actor_q=c.actor_q, policy_delay=c.policy_delay,
+        )  # fmt: skip
         self.members = c.member_configs()
         self._identity = config.compiled_identity()
 
@@ -226,7 +230,6 @@ class Trainer:
         c = self.config
         k_actor, k_critic, k_value, k_env, key = jax.random.split(key, 5)
         env_state = self.train_env.reset(k_env)
-        env_state = env_state.replace(data=self.env.compact(env_state.data))
         if c.desync_episodes:
             key, k_desync = jax.random.split(key)
             env_state = envs.desynchronize(env_state, k_desync, c.episode_length)
@@ -261,101 +264,37 @@ class Trainer:
         c = self.config
         return replay.init(c.buffer_size, self.obs_size, self.action_size, c.n_step > 1)
 
-    # ---- level 1: one SAC update ----------------------------------------------------------------
+    # ---- level 1: one SAC update -------------------------------------------------------------
 
     def update(
         self, state: TrainState, key: jax.Array, number: jax.Array | None = None
     ) -> tuple[TrainState, dict]:
         """One gradient update of every network of one member from a uniformly replayed
-        batch (the actor and temperature only on every ``policy_delay``-th). ``number``:
-        the updates made before this one; pass it unbatched (the same for every member) so
-        that a skipped actor update is a real branch, not a select computing both."""
-        c, nets, hp = self.config, self.nets, state.hparams
+        batch: ``update_v2`` or ``update_v1``. ``number``: the updates made before this
+        one; pass it unbatched (the same for every member) so that a skipped actor update
+        (``policy_delay``) is a real branch, not a select computing both."""
         k_batch, k_critic, k_actor, k_value = jax.random.split(key, 4)
-        gamma = hp.gamma
+        batch, gamma = self.sample(state, k_batch)
+        number = state.updates if number is None else number
+        update = update_v1 if self.v1 else update_v2
+        return update(self.learner, state, batch, gamma, (k_critic, k_actor, k_value), number)
+
+    def sample(self, state: TrainState, key: jax.Array) -> tuple[Transition, jax.Array]:
+        """A normalized batch of one member's buffer and each row's bootstrap discount
+        (``gamma``, or ``gamma ** k`` for an n-step window of k rows)."""
+        c, hp = self.config, state.hparams
         if c.n_step == 1:
-            batch = replay.sample(state.buffer, k_batch, c.batch_size)
-        else:  # n-step windows: the bootstrap is discounted by gamma ** k, per row
+            batch, gamma = replay.sample(state.buffer, key, c.batch_size), hp.gamma
+        else:
             batch, k = replay.sample_n_step(
-                state.buffer, k_batch, c.batch_size, c.n_step, c.num_envs, hp.gamma
+                state.buffer, key, c.batch_size, c.n_step, c.num_envs, hp.gamma
             )
             gamma = hp.gamma**k
-        batch = batch.replace(
+        normalized = batch.replace(
             obs=obs_norm.normalize(state.normalizer, batch.obs),
             next_obs=obs_norm.normalize(state.normalizer, batch.next_obs),
         )
-        metrics: dict[str, jax.Array] = {}
-        c51 = c.critic == "c51"
-        if self.v1:
-            value, value_opt, m = gradient_step(
-                value_loss_v1, state.value, state.value_opt, self.critic_opt,
-                state.actor, state.critic, batch.obs, k_value, nets=nets, alpha=1.0,
-            )  # fmt: skip
-            metrics |= m
-            critic, critic_opt, m = gradient_step(
-                categorical_critic_loss_v1 if c51 else critic_loss_v1,
-                state.critic, state.critic_opt, self.critic_opt,
-                state.target_value, batch, nets=nets, gamma=gamma, reward_scale=hp.reward_scale,
-            )  # fmt: skip
-        else:
-            critic, critic_opt, m = gradient_step(
-                categorical_critic_loss_v2 if c51 else critic_loss_v2,
-                state.critic, state.critic_opt, self.critic_opt,
-                state.target_critic, state.actor, state.log_alpha, batch, k_critic,
-                nets=nets, gamma=gamma, reward_scale=hp.reward_scale,
-            )  # fmt: skip
-        metrics |= m
-        policy = (state.actor, state.actor_opt, state.log_alpha, state.alpha_opt)
-        inputs = (critic, batch.obs, k_actor, hp.target_entropy)
-        if c.policy_delay == 1:
-            policy, m = self._policy_step(policy, *inputs)
-        else:
-            number = state.updates if number is None else number
-            turn = (number + 1) % c.policy_delay == 0
-            policy, m = jax.lax.cond(turn, self._policy_step, self._no_policy_step, policy, *inputs)
-        metrics |= m
-        actor, actor_opt, log_alpha, alpha_opt = policy
-        state = state.replace(
-            actor=actor,
-            critic=critic,
-            actor_opt=actor_opt,
-            critic_opt=critic_opt,
-            log_alpha=log_alpha,
-            alpha_opt=alpha_opt,
-            updates=state.updates + 1,
-        )
-        if self.v1:
-            return state.replace(
-                value=value,
-                value_opt=value_opt,
-                target_value=polyak(state.target_value, value, hp.tau),
-            ), metrics
-        return state.replace(target_critic=polyak(state.target_critic, critic, hp.tau)), metrics
-
-    def _policy_step(self, policy: tuple, critic: Params, obs: jax.Array, key: jax.Array,
-                     target_entropy: jax.Array) -> tuple[tuple, dict]:  # fmt: skip
-        """The actor's gradient step against ``critic``, then (sac-v2) the temperature's.
-        ``policy``: (actor, actor_opt, log_alpha, alpha_opt), returned updated."""
-        actor, actor_opt, log_alpha, alpha_opt = policy
-        actor, actor_opt, metrics = gradient_step(
-            actor_loss, actor, actor_opt, self.actor_opt,
-            critic, log_alpha, obs, key, nets=self.nets, actor_q=self.config.actor_q,
-        )  # fmt: skip
-        log_prob = metrics.pop("log_prob")
-        if not self.v1:
-            log_alpha, alpha_opt, m = gradient_step(
-                alpha_loss, log_alpha, alpha_opt, self.alpha_opt,
-                log_prob, target_entropy=target_entropy,
-            )  # fmt: skip
-            metrics |= m
-        metrics["actor_updates"] = jnp.ones((), jnp.float32)
-        return (actor, actor_opt, log_alpha, alpha_opt), metrics
-
-    def _no_policy_step(self, policy: tuple, *inputs: Any) -> tuple[tuple, dict]:
-        """A critic update's turn without the actor's (policy_delay): nothing changes;
-        zero metrics, which the averages leave out."""
-        shapes = jax.eval_shape(self._policy_step, policy, *inputs)[1]
-        return policy, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        return normalized, gamma
 
     # ---- level 2: one step of every env of every member, then the updates ---------------------
 
@@ -415,22 +354,15 @@ class Trainer:
         return state, {**metrics, **update_metrics}
 
     def step_envs(self, stack: envs.VmapEnv, state: envs.State, action: jax.Array) -> envs.State:
-        """One step of every member's envs, ``stack`` (the training or evaluation envs)
-        on compact states, (member, env, ...), as one batch: the member and env axes
-        merged, each env's ``Data`` expanded (``Env.expand``), stepped, compacted
-        (``Env.compact``, see docs/DESIGN.md) and the axes split again.
-
-        Per env the same arithmetic as a vmap over the members of the vmapped step, but
-        that nests two batch axes around the physics, which ran it at half the env
-        steps/s on the CPU (HalfCheetah, 128 envs: 2,746 against 5,099) and made vmap
-        batch the physics' program once per level while tracing. Expanding under vmap
-        gives every field a batch axis, so the physics loop's carry is batched from its
-        start (else vmap batches the loop's body three times while tracing)."""
+        """One step of every member's envs, ``stack`` (the training or evaluation envs),
+        (member, env, ...), as one batch: the member and env axes merged, stepped, split
+        again. Per env the same arithmetic as a vmap over the members of the vmapped step,
+        but that nests two batch axes around the physics, which ran it at half the env
+        steps/s on the CPU (HalfCheetah, 128 envs: 2,746 against 5,099) and made vmap batch
+        the physics' program once per level while tracing."""
         members, per_member = action.shape[:2]
         merge = lambda x: x.reshape(members * per_member, *x.shape[2:])  # noqa: E731
-        state = jax.tree.map(merge, state)
-        state = stack.step(state.replace(data=jax.vmap(self.env.expand)(state.data)), merge(action))
-        state = state.replace(data=self.env.compact(state.data))
+        state = stack.step(jax.tree.map(merge, state), merge(action))
         return jax.tree.map(lambda x: x.reshape(members, per_member, *x.shape[1:]), state)
 
     def _member_updates(self, state: TrainState) -> tuple[TrainState, dict]:
@@ -480,7 +412,6 @@ class Trainer:
         by member (the counters start as constants, then the condition varies too),
         which made tracing evaluation cost more than tracing the train chunk."""
         state = jax.vmap(self.eval_env.reset)(keys)
-        state = state.replace(data=self.env.compact(state.data))
         shape = (keys.shape[0], self.config.eval_envs)
         carry = (state, jnp.zeros(shape), jnp.zeros(shape, jnp.int32), jnp.ones(shape, bool))
 
@@ -504,6 +435,124 @@ class Trainer:
         return returns, lengths
 
 
+# ---- the SAC updates: pure functions of (learner, member state, batch) ----------------------
+
+
+@struct.dataclass
+class Learner:
+    """What an update needs besides the member's state and its batch (static): the
+    networks' apply functions, the optimizers, the critic's loss and the actor's rules."""
+
+    nets: Nets = struct.field(pytree_node=False)
+    actor_opt: optax.GradientTransformation = struct.field(pytree_node=False)
+    critic_opt: optax.GradientTransformation = struct.field(pytree_node=False)
+    alpha_opt: optax.GradientTransformation = struct.field(pytree_node=False)
+    critic_loss: Callable = struct.field(pytree_node=False)
+    """v2: ``critic_loss_v2`` or the C51 one; v1: ``critic_loss_v1`` or its C51 one."""
+    actor_q: str = struct.field(pytree_node=False)
+    policy_delay: int = struct.field(pytree_node=False)
+
+
+CRITIC_LOSSES = {
+    ("sac-v2", "mse"): critic_loss_v2,
+    ("sac-v2", "c51"): categorical_critic_loss_v2,
+    ("sac-v1", "mse"): critic_loss_v1,
+    ("sac-v1", "c51"): categorical_critic_loss_v1,
+}
+
+
+def update_v2(learner: Learner, state: TrainState, batch: Transition, gamma: jax.Array,
+              keys: tuple, number: jax.Array) -> tuple[TrainState, dict]:  # fmt: skip
+    """SAC v2: the twin critics against the target critics' soft value, then (on the
+    policy's turn) the actor and the temperature, then the target critics' Polyak step."""
+    k_critic, k_actor, _ = keys
+    hp = state.hparams
+    critic, critic_opt, metrics = gradient_step(
+        learner.critic_loss, state.critic, state.critic_opt, learner.critic_opt,
+        state.target_critic, state.actor, state.log_alpha, batch, k_critic,
+        nets=learner.nets, gamma=gamma, reward_scale=hp.reward_scale,
+    )  # fmt: skip
+    policy, m = on_policy_turn(learner, number, policy_step, state, critic, batch.obs, k_actor)
+    state = state.replace(
+        critic=critic, critic_opt=critic_opt, **policy, updates=state.updates + 1,
+        target_critic=polyak(state.target_critic, critic, hp.tau),
+    )  # fmt: skip
+    return state, metrics | m
+
+
+def update_v1(learner: Learner, state: TrainState, batch: Transition, gamma: jax.Array,
+              keys: tuple, number: jax.Array) -> tuple[TrainState, dict]:  # fmt: skip
+    """SAC v1: the soft V network against the critics and the policy, the critics against
+    the target V (scaled rewards), then (on the policy's turn) the actor at temperature 1,
+    then the target V's Polyak step."""
+    _, k_actor, k_value = keys  # the critic's key is v2's (its target samples actions)
+    hp = state.hparams
+    value, value_opt, metrics = gradient_step(
+        value_loss_v1, state.value, state.value_opt, learner.critic_opt,
+        state.actor, state.critic, batch.obs, k_value, nets=learner.nets, alpha=1.0,
+    )  # fmt: skip
+    critic, critic_opt, m = gradient_step(
+        learner.critic_loss, state.critic, state.critic_opt, learner.critic_opt,
+        state.target_value, batch, nets=learner.nets, gamma=gamma, reward_scale=hp.reward_scale,
+    )  # fmt: skip
+    metrics |= m
+    policy, m = on_policy_turn(learner, number, actor_step, state, critic, batch.obs, k_actor)
+    state = state.replace(
+        value=value, value_opt=value_opt, critic=critic, critic_opt=critic_opt, **policy,
+        updates=state.updates + 1, target_value=polyak(state.target_value, value, hp.tau),
+    )  # fmt: skip
+    return state, metrics | m
+
+
+def actor_step(learner: Learner, state: TrainState, critic: Params, obs: jax.Array,
+               key: jax.Array) -> tuple[dict, dict]:  # fmt: skip
+    """The actor's gradient step against ``critic``: the new actor fields and metrics."""
+    actor, actor_opt, metrics = gradient_step(
+        actor_loss, state.actor, state.actor_opt, learner.actor_opt,
+        critic, state.log_alpha, obs, key, nets=learner.nets, actor_q=learner.actor_q,
+    )  # fmt: skip
+    metrics.pop("log_prob")
+    return {"actor": actor, "actor_opt": actor_opt}, metrics | _one_actor_update()
+
+
+def policy_step(learner: Learner, state: TrainState, critic: Params, obs: jax.Array,
+                key: jax.Array) -> tuple[dict, dict]:  # fmt: skip
+    """SAC v2's policy turn: the actor's step, then the temperature's on its log-probs."""
+    actor, actor_opt, metrics = gradient_step(
+        actor_loss, state.actor, state.actor_opt, learner.actor_opt,
+        critic, state.log_alpha, obs, key, nets=learner.nets, actor_q=learner.actor_q,
+    )  # fmt: skip
+    log_alpha, alpha_opt, m = gradient_step(
+        alpha_loss, state.log_alpha, state.alpha_opt, learner.alpha_opt,
+        metrics.pop("log_prob"), target_entropy=state.hparams.target_entropy,
+    )  # fmt: skip
+    fields = {"actor": actor, "actor_opt": actor_opt, "log_alpha": log_alpha,
+              "alpha_opt": alpha_opt}  # fmt: skip
+    return fields, metrics | m | _one_actor_update()
+
+
+def _one_actor_update() -> dict:
+    return {"actor_updates": jnp.ones((), jnp.float32)}
+
+
+def on_policy_turn(learner: Learner, number: jax.Array, step: Callable, *args) -> tuple[dict, dict]:
+    """``step(learner, *args)`` on every ``policy_delay``-th update (counting ``number``
+    from 0), else nothing: the fields it would set unchanged and zero metrics, which the
+    averages leave out (``actor_updates`` 0)."""
+    if learner.policy_delay == 1:
+        return step(learner, *args)
+
+    def skip(learner: Learner, state: TrainState, *rest) -> tuple[dict, dict]:
+        fields, metrics = jax.eval_shape(step, learner, state, *rest)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics)
+        return {name: getattr(state, name) for name in fields}, zeros
+
+    state, *rest = args  # the branches read the policy's fields: leave the bulk outside
+    light = state.replace(buffer=None, env_state=None)
+    turn = (number + 1) % learner.policy_delay == 0
+    return jax.lax.cond(turn, step, skip, learner, light, *rest)
+
+
 # jit with the trainer static: its hash and equality are its config's compiled identity,
 # and jit tells trainers of different classes apart by type. Across processes JAX's
 # persistent cache keys a program by its StableHLO, so a subclass's program is its own.
@@ -524,91 +573,6 @@ def place(state: TrainState) -> TrainState:
     """Commit every array to the default device. Fresh and restored states then look alike
     to ``jit`` (committed arrays), so a resumed state reuses the compiled chunk."""
     return jax.device_put(state, default_device())
-
-
-def check_memory(trainer: Trainer, refuse: bool = True) -> str:
-    """Refuse a run that cannot fit, before anything is allocated or compiled: the replay
-    buffers, the networks with their target copies, optimizer states and gradients, and
-    an update's activations (an estimate: XLA's temporaries come on top). Returns the
-    estimate as a sentence."""
-    config = trainer.config
-    row = replay.row_bytes(trainer.obs_size, trainer.action_size, config.n_step > 1)
-    members = trainer.population_size
-    buffer = members * config.buffer_size * row
-    parameters, network = network_bytes(trainer)
-    network *= members
-    activations = members * activation_bytes(trainer)
-    need = buffer + network + activations
-    free, where = available_bytes()
-    sizes = f"{config.buffer_size:,} transitions x {row} bytes"
-    if members == 1:
-        estimate = f"the replay buffer needs {buffer / 2**30:.2f} GiB ({sizes})"
-    else:
-        estimate = f"the {members} members' replay buffers need {buffer / 2**30:.2f} GiB "
-        estimate += f"({members} x {sizes})"
-    estimate += (
-        f", the networks with optimizer states {network / 2**30:.2f} GiB ({parameters:,} "
-        f"parameters{' per member' if members > 1 else ''}), an update's activations about "
-        f"{activations / 2**30:.2f} GiB"
-    )
-    if free is None:
-        return estimate
-    estimate += f"; {where} has {free / 2**30:.2f} GiB free"
-    if refuse and need > 0.8 * free:
-        largest = max((buffer, "buffer_size"), (network, "hidden_sizes"),
-                      (activations, "batch_size"))[1]  # fmt: skip
-        fewer = " or the number of members" if members > 1 else ""
-        raise MemoryError(f"{estimate}: lower {largest}{fewer}")
-    return estimate
-
-
-def network_bytes(trainer: Trainer) -> tuple[int, int]:
-    """One member's parameter count (actor, critics, V) and the bytes of its parameters,
-    target copies, optimizer states and one gradient of each, from shapes alone (nothing
-    is allocated or compiled)."""
-
-    def build():
-        key = jax.random.key(0)
-        obs, act = jnp.zeros((1, trainer.obs_size)), jnp.zeros((1, trainer.action_size))
-        nets = {"actor": trainer.actor.init(key, obs), "critic": trainer.critic.init(key, obs, act)}
-        if trainer.value is not None:
-            nets["value"] = trainer.value.init(key, obs)
-        opts = {
-            name: (trainer.actor_opt if name == "actor" else trainer.critic_opt).init(params)
-            for name, params in nets.items()
-        }
-        return nets, opts
-
-    nets, opts = jax.eval_shape(build)
-
-    def size(tree) -> int:
-        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-    parameters = sum(x.size for x in jax.tree.leaves(nets))
-    targets = size({k: v for k, v in nets.items() if k != "actor"})
-    return parameters, 2 * size(nets) + targets + size(opts)  # + a gradient of each
-
-
-def activation_bytes(trainer: Trainer) -> int:
-    """About what one update keeps for its backward passes: each network pass over the
-    batch stores its hidden layers (before and after the activation), and an update makes
-    about 8 passes (twin critics and target critics, the actor twice), 11 for sac-v1."""
-    c = trainer.config
-    passes = 11 if trainer.v1 else 8
-    return c.batch_size * sum(c.hidden_sizes) * 4 * 2 * passes
-
-
-def available_bytes() -> tuple[int | None, str]:
-    """Free memory of the default device: the accelerator's, or the host's RAM on CPU."""
-    device = default_device()
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and "bytes_limit" in stats:
-        return stats["bytes_limit"] - stats.get("bytes_in_use", 0), str(device)
-    try:
-        pages = os.sysconf("SC_AVPHYS_PAGES")
-        return pages * os.sysconf("SC_PAGE_SIZE"), "host memory"
-    except (ValueError, OSError, AttributeError):
-        return None, "host memory"
 
 
 def make_optimizer(config: Config, network: bool) -> optax.GradientTransformation:
@@ -670,27 +634,3 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     index). Neither branch's keys can equal the other's."""
     train_key, eval_key = jax.random.split(seed_key(seed))
     return train_key, eval_key
-
-
-def chunk_summaries(metrics: dict) -> list[dict[str, float]]:
-    """Each member's chunk summary, from metrics stacked (train step, member)."""
-    host = {k: np.asarray(v) for k, v in metrics.items()}
-    members = next(iter(host.values())).shape[1]
-    return [chunk_summary({k: v[:, i] for k, v in host.items()}) for i in range(members)]
-
-
-def chunk_summary(metrics: dict) -> dict[str, float]:
-    """Reduce one member's stacked per-step metrics to host floats."""
-    m = {k: np.asarray(v) for k, v in metrics.items()}
-    updated = m.pop("updated")
-    actor_updates = m.pop("actor_updates", updated)
-    episodes, returns = m.pop("episodes"), m.pop("episode_return_sum")
-    out = {"train/reward": float(m.pop("reward").mean())}
-    if episodes.sum() > 0:
-        out["train/episode_return"] = float(returns.sum() / episodes.sum())
-    for k, v in m.items():
-        # The actor's metrics are per-step averages over its updates (policy_delay).
-        weight = actor_updates if k in ACTOR_METRICS else updated
-        if weight.sum() > 0:
-            out[f"loss/{k}"] = float((v * weight).sum() / weight.sum())
-    return out

@@ -44,16 +44,9 @@ from mjxsac.cli import (
     write,
 )
 from mjxsac.config import ALGOS, Config
-from mjxsac.runlog import Progress, RunDir, WandbLog, default_run_dir
-from mjxsac.sac import (
-    Trainer,
-    TrainState,
-    check_memory,
-    chunk_summaries,
-    default_device,
-    env_steps,
-    update_count,
-)
+from mjxsac.memory import check_memory
+from mjxsac.runlog import Progress, RunDir, WandbLog, chunk_summaries, default_run_dir
+from mjxsac.sac import Trainer, TrainState, default_device, env_steps, update_count
 
 
 class NonFiniteError(UserError):

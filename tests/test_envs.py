@@ -136,7 +136,8 @@ def test_jit_rollout_and_auto_reset(name):
 
     Every step is also taken from the state's compact form (``Env.compact``, what the
     training loop carries) expanded again: the same compiled step must give the same bits,
-    so the step reads nothing but ``STEP_INPUTS`` and the task's ``before_fields``."""
+    so the step reads nothing but ``STEP_INPUTS`` and the task's ``before_fields``; and the
+    batched stack carrying compact states (``VmapEnv(compact=True)``) steps alike."""
     batch = 3 if name == "InvertedPendulum" else None
     horizon, limit = 12, 5
     base = envs.make(name)
@@ -149,6 +150,10 @@ def test_jit_rollout_and_auto_reset(name):
     lead = (batch,) if batch else ()
     step = jax.jit(env.step)
     state = jax.jit(env.reset)(jax.random.key(1))
+    if batch:  # the stack that carries compact states gives the same steps
+        compact_env = envs.VmapEnv(env.env, batch, compact=True)
+        compact_step = jax.jit(compact_env.step)
+        compact = jax.jit(compact_env.reset)(jax.random.key(1))
     rng = np.random.default_rng(0)
     traj, starts = [], [np.asarray(state.obs)]
     for _ in range(horizon):
@@ -156,6 +161,12 @@ def test_jit_rollout_and_auto_reset(name):
         action = action.astype(np.float32)
         from_compact = step(state.replace(data=round_trip(state.data)), action)
         state = step(state, action)
+        if batch:
+            compact = compact_step(compact, action)
+            assert compact.data.xpos is None
+            for field in ("obs", "reward", "final_obs", "steps"):
+                np.testing.assert_array_equal(getattr(compact, field), getattr(state, field))
+            np.testing.assert_array_equal(compact.data.qvel, state.data.qvel)
         for got, want in zip(jax.tree.leaves(from_compact), jax.tree.leaves(state), strict=True):
             if not jnp.issubdtype(want.dtype, jax.dtypes.prng_key):
                 np.testing.assert_array_equal(got, want)

@@ -22,7 +22,8 @@ import pytest
 from mjxsac import presets
 from mjxsac import train as train_cli
 from mjxsac.checkpoint import state_shapes
-from mjxsac.sac import Trainer, chunk_summaries, injected
+from mjxsac.runlog import chunk_summaries
+from mjxsac.sac import Trainer, injected
 
 pytestmark = pytest.mark.xdist_group("recipe")
 

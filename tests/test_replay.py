@@ -20,7 +20,8 @@ from mjxsac import buffer as replay
 from mjxsac.checkpoint import Checkpoints
 from mjxsac.config import FORMAT_VERSION, Config, FormatVersionError
 from mjxsac.losses import Transition
-from mjxsac.sac import Trainer, chunk_summaries, env_steps
+from mjxsac.runlog import chunk_summaries
+from mjxsac.sac import Trainer, env_steps
 
 OBS, ACT = 2, 1
 GAMMA = 0.9

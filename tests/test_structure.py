@@ -1,5 +1,6 @@
 """The code's shape: no import circles in the packages (a lazy import inside a function
-counts too: it is a circle waiting for someone to hoist it)."""
+counts too: it is a circle waiting for someone to hoist it); compact env states stay inside
+the env stack."""
 
 from __future__ import annotations
 
@@ -41,3 +42,15 @@ def test_no_import_circles():
                 if module not in seen:
                     seen.add(module)
                     stack.append(module)
+
+
+def test_only_the_env_stack_compacts_env_states():
+    """The trainer, checkpoints and tools see a ``State``: ``Env.compact`` and
+    ``Env.expand`` are called in ``envs`` alone (``VmapEnv(compact=True)``)."""
+    callers = [
+        path.relative_to(ROOT)
+        for package in ("mjxsac", "launch")
+        for path in (ROOT / package).glob("*.py")
+        if ".compact(" in path.read_text() or ".expand(" in path.read_text()
+    ]
+    assert callers == []

@@ -20,8 +20,8 @@ from mjxsac import presets
 from mjxsac import train as train_cli
 from mjxsac.checkpoint import state_shapes
 from mjxsac.config import Config
-from mjxsac.runlog import RunDir
-from mjxsac.sac import Trainer, chunk_summaries, env_steps, run_keys, seed_key
+from mjxsac.runlog import RunDir, chunk_summaries
+from mjxsac.sac import Trainer, env_steps, run_keys, seed_key
 
 # The `cpu` preset, shortened: 16 envs, 4 updates per step, 2,000 env steps per chunk.
 OVERRIDES = {"total_steps": 12_000, "warmup_steps": 1_000, "eval_every": 1}
@@ -76,7 +76,7 @@ def test_a_run_from_the_command_line_writes_its_directory(tmp_path, capsys):
     train_cli.main([*cli_args(algo, run_dir), "--total-steps", "4000"])
     saved = json.loads((run_dir / "config.json").read_text())
     want = dataclasses.replace(config(algo, run_dir=str(run_dir)), total_steps=4000)
-    assert saved == want.to_dict()
+    assert saved == want.to_saved()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["chunk"] for r in rows] == [0, 1]
     assert rows[-1]["env_steps"] == 4_000
