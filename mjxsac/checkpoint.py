@@ -41,7 +41,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from mjxsac.cli import UserError, drop_closed_loop_noise, os_error_in
-from mjxsac.config import DATA, HOST_ONLY, Config, FormatVersionError
+from mjxsac.config import RESUMABLE, Config, FormatVersionError
 from mjxsac.sac import Trainer, TrainState, default_device, env_steps, place
 
 ITEMS = ("state", "policy", "config", "meta")
@@ -224,7 +224,7 @@ class Checkpoints:
         return self.newest_usable(lambda s: self._restore_state(trainer, s), step)[1]
 
     def _restore_state(self, trainer: Trainer, step: int) -> TrainState:
-        check_compatible(self._config(step), trainer.config)
+        check_compatible(self._config(step), trainer.run_config)
         meta = self.meta(step)
         if meta.get("policy_only"):
             raise CheckpointError("it holds the policy alone (it renders; it cannot resume)")
@@ -334,15 +334,10 @@ def abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-# Fields a resumed run may change: they do not shape the TrainState.
-# Data fields too (not the seed): a resume may lower a learning rate after a NaN stop.
-RESUMABLE_CHANGES = HOST_ONLY | {"eval_envs"} | (DATA - {"seed"})
-
-
 def check_compatible(saved: Config, wanted: Config) -> None:
     """Refuse to restore a checkpoint of another task, algorithm or shape of run."""
     a, b = saved.to_dict(), wanted.to_dict()
-    differ = sorted(k for k in a if k not in RESUMABLE_CHANGES and a[k] != b.get(k))
+    differ = sorted(k for k in a if k not in RESUMABLE and a[k] != b.get(k))
     if differ:
         details = ", ".join(f"{k}: checkpoint {a[k]!r} vs requested {b.get(k)!r}" for k in differ)
         raise IncompatibleCheckpoint(f"the checkpoint was written by a different run ({details})")

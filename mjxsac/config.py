@@ -1,14 +1,19 @@
-"""The run configuration: one frozen dataclass, a docstring per field.
+"""The run configuration: one frozen dataclass, a docstring per field, and each field's
+kind declared on it (``shape``, ``population``, ``data``, ``host``):
 
-Three kinds of field: *shape* fields decide the compiled program (task, algorithm, sizes,
-network widths, updates per step, the population's size); *data* fields (``DATA``: the
-seed, learning rates, gamma, tau, reward scale, temperature settings, Adam's betas and
-weight decay) are carried in the TrainState as per-member arrays, so changing them never
-recompiles and they may differ across a population's members; *host-only* fields
-(``HOST_ONLY``) never reach the device.
-A run is a population of members (``seeds`` x the grid of ``vary``); one member is an
-ordinary run. Derived sizes are properties, and ``validate`` refuses impossible settings
-before anything is compiled.
+* *shape* fields decide the compiled programs (task, algorithm, sizes, network widths,
+  updates per step); the programs see them alone, through ``ProgramConfig``;
+* *population* fields (``seeds``, ``vary``) say which members one program trains;
+* *data* fields (the seed, learning rates, gamma, tau, reward scale, temperature
+  settings, Adam's betas and weight decay) are carried in the TrainState as per-member
+  arrays, so changing them never recompiles and they may differ across members;
+* *host-only* fields never reach the device.
+
+Every set of fields by kind (``HOST_ONLY``, ``DATA``, ``VARIABLE``, ``RESUMABLE``,
+``HPARAMS``, ``OPTIMIZER_SETTINGS``) is derived from the declarations. A run is a
+population of members (``seeds`` x the grid of ``vary``); one member is an ordinary run.
+Derived sizes are properties, and ``validate`` refuses impossible settings before
+anything is compiled.
 """
 
 from __future__ import annotations
@@ -17,33 +22,57 @@ import dataclasses
 import math
 import types
 import typing
-from typing import Literal
+from typing import Any, Literal
 
 from mjxsac import __version__
 
 ALGOS = ("sac-v2", "sac-v1")
-# Fields the compiled programs never read: two configs that differ only here compile to the
-# same programs, and a resumed run may change them.
-HOST_ONLY = frozenset(
-    {
-        "preset", "total_steps", "eval_every", "run_dir", "checkpoint_every",
-        "keep_checkpoints", "save_buffer", "wandb", "wandb_project", "wandb_entity",
-    }
-)  # fmt: skip
-# Fields the TrainState carries as per-member data (see ``Config.members``).
-DATA = frozenset(
-    {"seed", "actor_lr", "critic_lr", "alpha_lr", "gamma", "tau", "init_alpha",
-     "target_entropy", "reward_scale", "adam_b1", "adam_b2", "weight_decay"}
-)  # fmt: skip
 FORMAT_VERSION = 1
 """The layout of what a run saves (its config, the checkpoint items, the TrainState's
 tree). Written with every config and checkpoint; one of another version is refused,
 naming both (no code is kept to read older layouts). Raise it with any such change."""
-# Data fields a population may vary (``--vary``); the seed varies through ``seeds``.
-VARIABLE = DATA - {"seed"}
 # More members than one program should step (the list of members alone would not fit long
 # before the replay buffers do): refused before anything is built.
 MAX_MEMBERS = 10_000
+
+
+# ---- a field's kind, declared on the field ----------------------------------------------------
+# Everything that treats fields by kind (what the compiled programs see, what a population
+# varies, what a resume may change, the TrainState's hyperparameters and optimizer
+# settings) is derived from these declarations, after the class.
+
+
+def shape(default: Any, *, resumable: bool = False) -> Any:
+    """A field the compiled programs are built for (a size, a choice of code); a resume
+    keeps it unless ``resumable`` (a program it changes is compiled anew)."""
+    return dataclasses.field(default=default, metadata={"kind": "shape", "resumable": resumable})
+
+
+def population(default: Any) -> Any:
+    """A field that says which members one program trains (their number is a shape)."""
+    return dataclasses.field(default=default, metadata={"kind": "population", "resumable": False})
+
+
+def data(
+    default: Any,
+    *,
+    into: str = "",
+    optimizer: str = "",
+    of: tuple[str, ...] = (),
+    vary: bool = True,
+    resumable: bool = True,
+) -> Any:
+    """A per-member value carried in the TrainState as an array: ``into`` "hparams" (the
+    state's hyperparameters) or "keys" (the seed), or ``optimizer``: the name of an optax
+    setting held in the optimizer states ``of`` (every one that has it when empty)."""
+    meta = {"kind": "data", "into": "optimizer" if optimizer else into, "setting": optimizer,
+            "of": of, "vary": vary, "resumable": resumable}  # fmt: skip
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def host(default: Any) -> Any:
+    """A field the compiled programs never read: the run around them."""
+    return dataclasses.field(default=default, metadata={"kind": "host", "resumable": True})
 
 
 class FormatVersionError(ValueError):
@@ -54,159 +83,157 @@ class FormatVersionError(ValueError):
 class Config:
     """Everything a training run needs; ``mjxsac-train --help`` lists it."""
 
-    # ---- task -------------------------------------------------------------------------
-    env: str = "InvertedPendulum"
+    # ---- shape: the task and its envs (the compiled programs depend on these) ----------------
+    env: str = shape("InvertedPendulum")
     """Task name: InvertedPendulum, Hopper, Walker2d, HalfCheetah, Ant, Humanoid, Swimmer."""
-    algo: Literal["sac-v2", "sac-v1"] = "sac-v2"
+    algo: Literal["sac-v2", "sac-v1"] = shape("sac-v2")
     """sac-v2: twin target Qs, automatic temperature (2018b). sac-v1: soft V network with a
     target V, twin Q, fixed temperature expressed as a reward scale (2018a)."""
-    preset: str = "default"
-    """Which preset of ``mjxsac/presets.py`` supplied the defaults (recorded for the run)."""
-    seed: int = 0
-    """Seeds everything: network init, exploration, env resets, replay sampling."""
-    seeds: str = ""
-    """A population's seeds: '0-7' or '0,3,5'. Empty: the one ``seed``."""
-    vary: tuple[str, ...] = ()
-    """Data fields varied across the population, each 'field=v1,v2,...' (e.g.
-    'critic_lr=1e-4,3e-4'); the population is the grid of the values times the seeds. On
-    the command line: ``--vary critic_lr=1e-4,3e-4 --vary gamma=0.97,0.99``."""
-    episode_length: int = 1000
+    episode_length: int = shape(1000)
     """Time limit in env steps (Gymnasium's v5 tasks: 1000); truncation bootstraps."""
-    env_options: str = ""
+    env_options: str = shape("")
     """Task options as 'key=value,...': Gymnasium's keyword arguments of the task (e.g.
     'ctrl_cost_weight=0.1') or simulator speed options (e.g.
     'integrator=euler'; docs/ENVIRONMENTS.md gives their measured fidelity cost). Empty:
     Gymnasium's defaults, its XML, and the task's measured solver caps;
     'iterations=xml,ls_iterations=xml' restores the XML's solver settings."""
-
-    # ---- sizes (static) --------------------------------------------------------------------
-    num_envs: int = 16
+    num_envs: int = shape(16)
     """Environments stepped in parallel; each train step adds num_envs transitions."""
-    total_steps: int = 20_000
-    """Environment steps to train for (rounded up to whole chunks)."""
-    warmup_steps: int = 2_000
+    eval_envs: int = shape(10, resumable=True)
+    """Episodes per evaluation, run in parallel with the deterministic (mean) action."""
+
+    # ---- shape: sizes and the training loop --------------------------------------------------
+    warmup_steps: int = shape(2_000)
     """Environment steps with uniform random actions before the policy acts; SAC updates
     start then too, unless ``learning_starts`` says otherwise."""
-    updates_per_step: int = 4
+    updates_per_step: int = shape(4)
     """SAC gradient updates per train step (one train step = one step of every env);
     0 collects data only (for throughput measurements)."""
-    batch_size: int = 256
+    batch_size: int = shape(256)
     """Transitions per gradient update."""
-    buffer_size: int = 1_000_000
+    buffer_size: int = shape(1_000_000)
     """Replay capacity in transitions."""
-    hidden_sizes: tuple[int, ...] = (256, 256)
+    hidden_sizes: tuple[int, ...] = shape((256, 256))
     """Hidden layer widths of the actor, critics and V network."""
-    activation: Literal["relu", "elu", "gelu", "silu", "tanh"] = "relu"
+    activation: Literal["relu", "elu", "gelu", "silu", "tanh"] = shape("relu")
     """Hidden activation."""
-    critic_layer_norm: bool = False
+    critic_layer_norm: bool = shape(False)
     """LayerNorm after each hidden layer of the critics (and V network)."""
-    steps_per_chunk: int = 100
+    steps_per_chunk: int = shape(100)
     """Train steps fused into one compiled ``lax.scan``; the host logs between chunks."""
-
-    # ---- replay and episodes ---------------------------------------------------------------
-    learning_starts: int | None = None
+    learning_starts: int | None = shape(None)
     """Env steps (transitions in the buffer) before SAC updates start, apart from the
     random-action warm-up (``warmup_steps``), as in the authors' code (1,000 random steps,
     updates from 1,000 stored samples). At least batch_size and at most buffer_size. None:
     max(warmup_steps, batch_size)."""
-    n_step: int = 1
+    n_step: int = shape(1)
     """Return horizon of the critic targets: the discounted sum of up to n rewards of one
     env, then gamma^k times the bootstrap value. A window stops at a termination (no
     bootstrap), at a truncation (bootstrap from the final observation), and at the newest
     stored step; it never crosses an auto-reset. 1: one-step targets."""
-    desync_episodes: bool = False
+    desync_episodes: bool = shape(False)
     """Start each training env's time-limit counter at a random step in [0,
     episode_length), so that the envs do not all truncate on the same step (only each env's
     first episode is shortened). Evaluation envs always run full episodes."""
 
-    # ---- SAC hyperparameters -------------------------------------------------------
-    gamma: float = 0.99
-    """Discount factor."""
-    tau: float = 0.005
-    """Polyak averaging rate of the target networks."""
-    actor_lr: float = 3e-4
-    """Adam learning rate of the policy."""
-    critic_lr: float = 3e-4
-    """Adam learning rate of the Q networks (and the V network of sac-v1)."""
-    alpha_lr: float = 3e-4
-    """Adam learning rate of log(alpha) (sac-v2)."""
-    init_alpha: float = 1.0
-    """Initial temperature (sac-v2); sac-v1 keeps alpha = 1 and scales rewards instead."""
-    target_entropy: float | None = None
-    """Target policy entropy for sac-v2 in nats of the [-1, 1] action box; None: -|A|."""
-    reward_scale: float = 1.0
-    """Multiplies rewards in the critic targets. In sac-v1 it is the inverse temperature
-    (the paper used 5 for most tasks and 20 for Humanoid)."""
-    log_std_min: float = -5.0
+    # ---- shape: the policy, the critics and their optimizers (the FastSAC recipe's options too)
+    log_std_min: float = shape(-5.0)
     """Lower bound of the policy's log standard deviation."""
-    log_std_max: float = 2.0
+    log_std_max: float = shape(2.0)
     """Upper bound of the policy's log standard deviation."""
-    log_std_clamp: Literal["smooth", "hard"] = "smooth"
+    log_std_clamp: Literal["smooth", "hard"] = shape("smooth")
     """How the policy's log standard deviation is bounded: 'smooth' maps the network's
     output through tanh onto [log_std_min, log_std_max] (gradients never vanish; an output
     of 0 is the interval's midpoint); 'hard' clips it as the authors' code does (haarnoja/sac,
     softlearning: [-20, 2]; an output of 0 is log std 0, and gradients vanish outside)."""
-    normalize_obs: bool = True
+    normalize_obs: bool = shape(True)
     """Normalize observations with running mean/variance from the collected data."""
-
-    # ---- the massively parallel recipe ----
-    critic: Literal["mse", "c51"] = "mse"
+    critic: Literal["mse", "c51"] = shape("mse")
     """mse: each critic regresses a scalar Q onto the soft Bellman target (the papers).
     c51: twin categorical critics, ``num_atoms`` logits each over the support [v_min,
     v_max]; the target distribution (the target critic with the lower expected value, its
     atoms shifted by the soft Bellman backup) is projected onto the support and learned by
     cross-entropy; the actor maximizes the expected value. Size the support to the task's
     returns times reward_scale (docs/DESIGN.md)."""
-    num_atoms: int = 101
+    num_atoms: int = shape(101)
     """Atoms of the c51 critics' support."""
-    v_min: float = -1_500.0
+    v_min: float = shape(-1_500.0)
     """Lowest atom of the c51 support, a Q value (so in units of reward_scale * reward).
     An untrained critic predicts the support's midpoint: keep it near 0."""
-    v_max: float = 1_500.0
+    v_max: float = shape(1_500.0)
     """Highest atom of the c51 support; targets beyond the ends land on the end atoms."""
-    actor_q: Literal["min", "mean"] = "min"
+    actor_q: Literal["min", "mean"] = shape("min")
     """How the actor combines the twin critics' Q estimates: min (the papers) or mean
     (FastSAC, FastTD3 without clipped double Q). The critic target keeps the minimum."""
-    policy_delay: int = 1
+    policy_delay: int = shape(1)
     """The actor and the temperature are updated on every policy_delay-th critic update
     (the target networks on every update); 1: on every update."""
-    optimizer: Literal["adam", "adamw"] = "adam"
+    optimizer: Literal["adam", "adamw"] = shape("adam")
     """adam, or adamw: Adam with decoupled weight decay (``weight_decay``) on the actor,
     critics and V network (never on log(alpha))."""
-    weight_decay: float = 0.001
-    """AdamW's decoupled weight decay (optimizer adamw only; adam has none)."""
-    adam_b1: float = 0.9
-    """Adam's first-moment decay (all optimizers, the temperature's too)."""
-    adam_b2: float = 0.999
-    """Adam's second-moment decay (all optimizers; FastSAC uses 0.95)."""
-    max_grad_norm: float | None = None
+    max_grad_norm: float | None = shape(None)
     """Clip each network's gradient to this global norm before the optimizer (not
     log(alpha)'s); None or 0: no clipping."""
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16"] = shape("float32")
     """Dtype of the networks' matrix products. Parameters and optimizer states stay
     float32, LayerNorm and the network outputs are float32, and so are the losses, the
     Gaussian log-probability and the tanh correction."""
 
-    # ---- evaluation, logging ---------------------------------------------------------
-    eval_every: int = 5
-    """Evaluate every this many chunks (and after the last)."""
-    eval_envs: int = 10
-    """Episodes per evaluation, run in parallel with the deterministic (mean) action."""
-    run_dir: str = ""
-    """Where to write the run (config, metrics, curve, checkpoints). Empty: runs/<name>."""
+    # ---- population: which members one program trains (its size is a shape) ------------------
+    seeds: str = population("")
+    """A population's seeds: '0-7' or '0,3,5'. Empty: the one ``seed``."""
+    vary: tuple[str, ...] = population(())
+    """Data fields varied across the population, each 'field=v1,v2,...' (e.g.
+    'critic_lr=1e-4,3e-4'); the population is the grid of the values times the seeds. On
+    the command line: ``--vary critic_lr=1e-4,3e-4 --vary gamma=0.97,0.99``."""
 
-    # ---- checkpoints, wandb --------------------------------------------------------------
-    checkpoint_every: int = 10
+    # ---- data: per member, carried in the TrainState (never recompiles; --vary may vary them)
+    seed: int = data(0, into="keys", vary=False, resumable=False)
+    """Seeds everything: network init, exploration, env resets, replay sampling."""
+    gamma: float = data(0.99, into="hparams")
+    """Discount factor."""
+    tau: float = data(0.005, into="hparams")
+    """Polyak averaging rate of the target networks."""
+    actor_lr: float = data(3e-4, optimizer="learning_rate", of=("actor_opt",))
+    """Adam learning rate of the policy."""
+    critic_lr: float = data(3e-4, optimizer="learning_rate", of=("critic_opt", "value_opt"))
+    """Adam learning rate of the Q networks (and the V network of sac-v1)."""
+    alpha_lr: float = data(3e-4, optimizer="learning_rate", of=("alpha_opt",))
+    """Adam learning rate of log(alpha) (sac-v2)."""
+    init_alpha: float = data(1.0, into="hparams")
+    """Initial temperature (sac-v2); sac-v1 keeps alpha = 1 and scales rewards instead."""
+    target_entropy: float | None = data(None, into="hparams")
+    """Target policy entropy for sac-v2 in nats of the [-1, 1] action box; None: -|A|."""
+    reward_scale: float = data(1.0, into="hparams")
+    """Multiplies rewards in the critic targets. In sac-v1 it is the inverse temperature
+    (the paper used 5 for most tasks and 20 for Humanoid)."""
+    weight_decay: float = data(0.001, optimizer="weight_decay")
+    """AdamW's decoupled weight decay (optimizer adamw only; adam has none)."""
+    adam_b1: float = data(0.9, optimizer="b1")
+    """Adam's first-moment decay (all optimizers, the temperature's too)."""
+    adam_b2: float = data(0.999, optimizer="b2")
+    """Adam's second-moment decay (all optimizers; FastSAC uses 0.95)."""
+
+    # ---- host-only: the run around the programs (a resume may change them) -------------------
+    preset: str = host("default")
+    """Which preset of ``mjxsac/presets.py`` supplied the defaults (recorded for the run)."""
+    total_steps: int = host(20_000)
+    """Environment steps to train for (rounded up to whole chunks)."""
+    eval_every: int = host(5)
+    """Evaluate every this many chunks (and after the last)."""
+    run_dir: str = host("")
+    """Where to write the run (config, metrics, curve, checkpoints). Empty: runs/<name>."""
+    checkpoint_every: int = host(10)
     """Save a checkpoint every this many chunks (and at the end, and on SIGINT/SIGTERM)."""
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = host(3)
     """Keep the latest this many checkpoints (plus the best by eval return)."""
-    save_buffer: bool = False
+    save_buffer: bool = host(False)
     """Put the replay buffer into checkpoints, so that a resumed run continues exactly."""
-    wandb: bool = False
+    wandb: bool = host(False)
     """Log to Weights & Biases (offline or disabled through WANDB_MODE)."""
-    wandb_project: str = "mjxsac"
+    wandb_project: str = host("mjxsac")
     """wandb project name."""
-    wandb_entity: str | None = None
+    wandb_entity: str | None = host(None)
     """wandb entity (user or team); None: wandb's default."""
 
     # ---- derived -----------------------------------------------------------------------------
@@ -344,12 +371,14 @@ class Config:
         return out
 
     def compiled_identity(self) -> tuple[Config, int]:
-        """What the compiled programs depend on: this config without the host-only and
-        data fields (at their defaults), and the population's size."""
-        reset = HOST_ONLY | DATA | {"seeds", "vary"}
-        return dataclasses.replace(self, **{f: getattr(Config, f) for f in reset}), len(
-            self.members()
-        )
+        """What the compiled programs depend on: this config with only its shape fields
+        (the others at their defaults), and the population's size."""
+        reset = FIELDS_BY_KIND["host"] | FIELDS_BY_KIND["data"] | FIELDS_BY_KIND["population"]
+        return dataclasses.replace(self, **{f: _DEFAULTS[f] for f in reset}), len(self.members())
+
+    def program_view(self) -> ProgramConfig:
+        """The config as the compiled programs see it (``ProgramConfig``)."""
+        return ProgramConfig(self)
 
     # ---- the population ------------------------------------------------------------------
 
@@ -479,6 +508,74 @@ class Config:
             named = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
             raise ValueError(f"the saved config lacks {len(missing)} fields ({named})")
         return cls.from_dict(d)
+
+
+FIELDS_BY_KIND: dict[str, frozenset[str]] = {
+    kind: frozenset(f.name for f in dataclasses.fields(Config) if f.metadata["kind"] == kind)
+    for kind in ("shape", "population", "data", "host")
+}
+_META = {f.name: f.metadata for f in dataclasses.fields(Config)}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
+HOST_ONLY = FIELDS_BY_KIND["host"]
+"""Fields the compiled programs never read: two configs that differ only here compile to
+the same programs."""
+DATA = FIELDS_BY_KIND["data"]
+"""Fields the TrainState carries as per-member arrays (``Config.members``)."""
+VARIABLE = frozenset(name for name in DATA if _META[name]["vary"])
+"""Data fields a population may vary (``--vary``); the seed varies through ``seeds``."""
+RESUMABLE = frozenset(name for name, meta in _META.items() if meta["resumable"])
+"""Fields a resume may change."""
+HPARAMS = tuple(name for name, meta in _META.items() if meta.get("into") == "hparams")
+"""The TrainState's ``hparams``: one array per member each (``Trainer.data``)."""
+OPTIMIZER_SETTINGS = tuple(
+    (name, meta["setting"], meta["of"])
+    for name, meta in _META.items()
+    if meta.get("into") == "optimizer"
+)
+"""(field, optax setting, the optimizer states that take it, or () for every one that has
+it): set in the optimizer states per member (``sac.set_optimizer_data``)."""
+PROGRAM_DERIVED = frozenset({"env_steps_per_chunk", "update_start", "env_kwargs"})
+"""What a ``ProgramConfig`` offers besides the shape fields: derived from shapes alone."""
+
+
+class ProgramConfig:
+    """The config as the compiled programs see it: its shape fields and what is derived
+    from them alone. Reading a data, population or host-only field raises, so a value
+    that a program must take as data (or never read) cannot be baked into a program that
+    jit then reuses for another value. Equal (and hashed alike) for configs whose
+    programs are the same (``Config.compiled_identity``)."""
+
+    __slots__ = ("_config", "_identity")
+
+    def __init__(self, config: Config) -> None:
+        object.__setattr__(self, "_identity", config.compiled_identity())
+        object.__setattr__(self, "_config", self._identity[0])
+
+    def __getattr__(self, name: str) -> Any:
+        kind = _META[name]["kind"] if name in _META else None
+        if kind == "shape" or name in PROGRAM_DERIVED:
+            return getattr(self._config, name)
+        if kind is None:
+            raise AttributeError(f"a program's config has no {name!r}")
+        where = {
+            "data": "it is per-member data: read it from the TrainState (hparams, keys or "
+            "optimizer states)",
+            "population": "the population is the host's; a program sees its member axis",
+            "host": "it is host-only: the host loop reads it",
+        }[kind]
+        raise AttributeError(f"config.{name} is not for compiled programs: {where}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a program's config is read-only")
+
+    def __hash__(self) -> int:
+        return hash(self._identity)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ProgramConfig) and self._identity == other._identity
+
+    def __repr__(self) -> str:
+        return f"ProgramConfig({self._identity[0]!r}, members={self._identity[1]})"
 
 
 def _check_data(config: Config, who: str) -> None:

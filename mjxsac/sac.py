@@ -3,7 +3,7 @@
 A run is a population of P members (P = 1 is an ordinary run, through the same code):
 every leaf of the ``TrainState`` has a leading member axis, and each member has its own
 seed, parameters, optimizer states, temperature, normalizer, buffer, envs, keys and data
-hyperparameters (``HParams``, and the learning rates, betas and weight decay inside the
+hyperparameters (``dict[str, jax.Array]``, and the learning rates, betas and weight decay inside the
 optimizer states). Three
 levels, each short:
 
@@ -32,7 +32,7 @@ import envs
 from envs import scale_action
 from mjxsac import buffer as replay
 from mjxsac import normalizer as obs_norm
-from mjxsac.config import Config
+from mjxsac.config import HPARAMS, OPTIMIZER_SETTINGS, Config
 from mjxsac.losses import (
     ACTOR_METRICS,
     Nets,
@@ -53,18 +53,6 @@ from mjxsac.networks import Actor, DoubleQ, Value, deterministic_action, sample_
 Params = Any
 # CPU backends cannot reuse donated buffers; the donation still matters on GPU.
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-
-
-@struct.dataclass
-class HParams:
-    """A member's data hyperparameters, as arrays: changing them never recompiles. (The
-    optimizer settings live in the optimizer states, through ``optax.inject_hyperparams``.)"""
-
-    gamma: jax.Array
-    tau: jax.Array
-    reward_scale: jax.Array
-    target_entropy: jax.Array
-    init_alpha: jax.Array
 
 
 @struct.dataclass
@@ -92,22 +80,23 @@ class TrainState:
     key: jax.Array
     env_steps: jax.Array
     updates: jax.Array
-    hparams: HParams
+    hparams: dict[str, jax.Array]
+    """A member's data hyperparameters (``config.HPARAMS``), as arrays: changing them never
+    recompiles. (The optimizer settings live in the optimizer states, through
+    ``optax.inject_hyperparams``.)"""
 
 
-LEARNING_RATES = (("actor_opt", "actor_lr"), ("critic_opt", "critic_lr"),
-                  ("value_opt", "critic_lr"), ("alpha_opt", "alpha_lr"))  # fmt: skip
-# Optimizer settings every optimizer state carries as data (the config field and optax's
-# name); weight decay only where there is one (adamw, not log(alpha)'s Adam).
-OPTIMIZER_DATA = (("adam_b1", "b1"), ("adam_b2", "b2"), ("weight_decay", "weight_decay"))
+OPTIMIZER_STATES = ("actor_opt", "critic_opt", "value_opt", "alpha_opt")
 
 
 class Trainer:
     """The static half of a run: config, envs, networks, optimizers, compiled functions."""
 
     def __init__(self, config: Config):
-        self.config = config.validate()
-        c = config
+        self.run_config = config.validate()
+        """The whole config, for the host: members, data, checkpoints, logs."""
+        self.config = c = config.program_view()
+        """What the compiled programs may read: the shape fields (``ProgramConfig``)."""
         self.env = envs.make(c.env, **c.env_kwargs())
         self.train_env = envs.wrap(self.env, c.num_envs, c.episode_length, compact=True)
         limited = envs.TimeLimit(self.env, c.episode_length)
@@ -133,45 +122,35 @@ class Trainer:
             alpha_opt=self.alpha_opt, critic_loss=CRITIC_LOSSES[c.algo, c.critic],
             actor_q=c.actor_q, policy_delay=c.policy_delay,
         )  # fmt: skip
-        self.members = c.member_configs()
-        self._identity = config.compiled_identity()
+        self.members = config.member_configs()
 
-    # Trainers with equal configs compile to the same programs: jit's cache (keyed on the
-    # static trainer's hash) then serves a second trainer, e.g. a resumed run's, at once.
+    # Trainers with equal program configs compile to the same programs: jit's cache (keyed
+    # on the static trainer's hash) then serves a second trainer, e.g. a resumed run's.
     def __hash__(self) -> int:
-        return hash(self._identity)
+        return hash(self.config)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Trainer) and self._identity == other._identity
+        return isinstance(other, Trainer) and self.config == other.config
 
     @property
     def population_size(self) -> int:
         return len(self.members)
 
-    def data(self) -> tuple[HParams, dict[str, jax.Array]]:
-        """Each member's data hyperparameters, and the optimizer settings (learning rates,
-        Adam's betas, weight decay) by config field, stacked (host values)."""
+    def data(self) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        """Each member's data hyperparameters (``HPARAMS``), and the optimizer settings
+        (``OPTIMIZER_SETTINGS``: learning rates, Adam's betas, weight decay) by config
+        field, stacked (host values)."""
 
-        def stack(values) -> jax.Array:
+        def stack(name: str) -> jax.Array:
+            values = [getattr(m, name) for m in self.members]
+            if name == "target_entropy":  # None: -|A|
+                values = [-float(self.action_size) if v is None else v for v in values]
             return jnp.asarray(np.array(values, np.float32))
 
-        default_entropy = -float(self.action_size)
-        hparams = HParams(
-            gamma=stack([m.gamma for m in self.members]),
-            tau=stack([m.tau for m in self.members]),
-            reward_scale=stack([m.reward_scale for m in self.members]),
-            target_entropy=stack(
-                [
-                    default_entropy if m.target_entropy is None else m.target_entropy
-                    for m in self.members
-                ]
-            ),
-            init_alpha=stack([m.init_alpha for m in self.members]),
-        )
-        fields = [f for _, f in LEARNING_RATES] + [f for f, _ in OPTIMIZER_DATA]
-        return hparams, {f: stack([getattr(m, f) for m in self.members]) for f in fields}
+        settings = {name: stack(name) for name, _, _ in OPTIMIZER_SETTINGS}
+        return {name: stack(name) for name in HPARAMS}, settings
 
-    def init_args(self) -> tuple[jax.Array, HParams, dict[str, jax.Array]]:
+    def init_args(self) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
         """The arguments of a fresh population: each member's training key (its seed's
         training branch, see ``run_keys``) and data."""
         keys = jnp.stack([run_keys(m.seed)[0] for m in self.members])
@@ -222,11 +201,11 @@ class Trainer:
 
     # ---- state ----------------------------------------------------------------------------
 
-    def _init(self, keys: jax.Array, hparams: HParams, opt_data: dict) -> TrainState:
+    def _init(self, keys: jax.Array, hparams: dict[str, jax.Array], opt_data: dict) -> TrainState:
         state = jax.vmap(self._init_member)(keys, hparams)
         return state.replace(**_with_optimizer_data(state, opt_data))
 
-    def _init_member(self, key: jax.Array, hparams: HParams) -> TrainState:
+    def _init_member(self, key: jax.Array, hparams: dict[str, jax.Array]) -> TrainState:
         c = self.config
         k_actor, k_critic, k_value, k_env, key = jax.random.split(key, 5)
         env_state = self.train_env.reset(k_env)
@@ -248,7 +227,7 @@ class Trainer:
             critic_opt=self.critic_opt.init(critic),
             value_opt=self.critic_opt.init(value) if self.v1 else None,
             alpha_opt=None if self.v1 else self.alpha_opt.init(jnp.zeros(())),
-            log_alpha=jnp.zeros((), jnp.float32) if self.v1 else jnp.log(hparams.init_alpha),
+            log_alpha=jnp.zeros((), jnp.float32) if self.v1 else jnp.log(hparams["init_alpha"]),
             normalizer=obs_norm.init(self.obs_size, c.normalize_obs),
             buffer=self.empty_buffer(),
             env_state=env_state,
@@ -284,12 +263,12 @@ class Trainer:
         (``gamma``, or ``gamma ** k`` for an n-step window of k rows)."""
         c, hp = self.config, state.hparams
         if c.n_step == 1:
-            batch, gamma = replay.sample(state.buffer, key, c.batch_size), hp.gamma
+            batch, gamma = replay.sample(state.buffer, key, c.batch_size), hp["gamma"]
         else:
             batch, k = replay.sample_n_step(
-                state.buffer, key, c.batch_size, c.n_step, c.num_envs, hp.gamma
+                state.buffer, key, c.batch_size, c.n_step, c.num_envs, hp["gamma"]
             )
-            gamma = hp.gamma**k
+            gamma = hp["gamma"] ** k
         normalized = batch.replace(
             obs=obs_norm.normalize(state.normalizer, batch.obs),
             next_obs=obs_norm.normalize(state.normalizer, batch.next_obs),
@@ -470,12 +449,12 @@ def update_v2(learner: Learner, state: TrainState, batch: Transition, gamma: jax
     critic, critic_opt, metrics = gradient_step(
         learner.critic_loss, state.critic, state.critic_opt, learner.critic_opt,
         state.target_critic, state.actor, state.log_alpha, batch, k_critic,
-        nets=learner.nets, gamma=gamma, reward_scale=hp.reward_scale,
+        nets=learner.nets, gamma=gamma, reward_scale=hp["reward_scale"],
     )  # fmt: skip
     policy, m = on_policy_turn(learner, number, policy_step, state, critic, batch.obs, k_actor)
     state = state.replace(
         critic=critic, critic_opt=critic_opt, **policy, updates=state.updates + 1,
-        target_critic=polyak(state.target_critic, critic, hp.tau),
+        target_critic=polyak(state.target_critic, critic, hp["tau"]),
     )  # fmt: skip
     return state, metrics | m
 
@@ -493,13 +472,13 @@ def update_v1(learner: Learner, state: TrainState, batch: Transition, gamma: jax
     )  # fmt: skip
     critic, critic_opt, m = gradient_step(
         learner.critic_loss, state.critic, state.critic_opt, learner.critic_opt,
-        state.target_value, batch, nets=learner.nets, gamma=gamma, reward_scale=hp.reward_scale,
+        state.target_value, batch, nets=learner.nets, gamma=gamma, reward_scale=hp["reward_scale"],
     )  # fmt: skip
     metrics |= m
     policy, m = on_policy_turn(learner, number, actor_step, state, critic, batch.obs, k_actor)
     state = state.replace(
         value=value, value_opt=value_opt, critic=critic, critic_opt=critic_opt, **policy,
-        updates=state.updates + 1, target_value=polyak(state.target_value, value, hp.tau),
+        updates=state.updates + 1, target_value=polyak(state.target_value, value, hp["tau"]),
     )  # fmt: skip
     return state, metrics | m
 
@@ -524,7 +503,7 @@ def policy_step(learner: Learner, state: TrainState, critic: Params, obs: jax.Ar
     )  # fmt: skip
     log_alpha, alpha_opt, m = gradient_step(
         alpha_loss, state.log_alpha, state.alpha_opt, learner.alpha_opt,
-        metrics.pop("log_prob"), target_entropy=state.hparams.target_entropy,
+        metrics.pop("log_prob"), target_entropy=state.hparams["target_entropy"],
     )  # fmt: skip
     fields = {"actor": actor, "actor_opt": actor_opt, "log_alpha": log_alpha,
               "alpha_opt": alpha_opt}  # fmt: skip
@@ -597,16 +576,18 @@ def injected(opt_state: optax.OptState) -> optax.OptState:
 
 def _with_optimizer_data(state: TrainState, data: dict[str, jax.Array]) -> dict:
     """The optimizer states of ``state`` with their settings set from ``data`` (config
-    field -> per-member values): learning rates, Adam's betas, weight decay."""
+    field -> per-member values, ``OPTIMIZER_SETTINGS``): learning rates, Adam's betas,
+    weight decay (where the optimizer has one: adamw, not log(alpha)'s Adam)."""
     out = {}
-    for opt_field, lr_field in LEARNING_RATES:
+    for opt_field in OPTIMIZER_STATES:
         opt = getattr(state, opt_field)
         if opt is None:
             continue
         inner = injected(opt)
         hyperparams = dict(inner.hyperparams)
-        for field, name in (*OPTIMIZER_DATA, (lr_field, "learning_rate")):
-            if name in hyperparams:  # a copy each: the state is donated, buffer by buffer
+        for field, name, of in OPTIMIZER_SETTINGS:
+            if (not of or opt_field in of) and name in hyperparams:
+                # a copy each: the state is donated, buffer by buffer
                 hyperparams[name] = jnp.array(data[field], hyperparams[name].dtype)
         inner = inner._replace(hyperparams=hyperparams)
         out[opt_field] = inner if hasattr(opt, "hyperparams") else (*opt[:-1], inner)

@@ -34,7 +34,7 @@ import numpy as np
 
 from mjxsac import compile_cache, render
 from mjxsac.ahead import compile_ahead
-from mjxsac.checkpoint import RESUMABLE_CHANGES, Checkpoints, check_compatible
+from mjxsac.checkpoint import Checkpoints, check_compatible
 from mjxsac.cli import (
     UserError,
     debug_requested,
@@ -43,7 +43,7 @@ from mjxsac.cli import (
     quoted,
     write,
 )
-from mjxsac.config import ALGOS, Config
+from mjxsac.config import ALGOS, RESUMABLE, Config
 from mjxsac.memory import check_memory
 from mjxsac.runlog import Progress, RunDir, WandbLog, chunk_summaries, default_run_dir
 from mjxsac.sac import Trainer, TrainState, default_device, env_steps, update_count
@@ -83,7 +83,7 @@ def train(
     """Train to ``total_steps``: chunk, check, evaluate, log, checkpoint. ``state`` (from a
     checkpoint) resumes; otherwise a fresh state is made from the seed. ``stop`` (set by a
     signal) ends the run with a checkpoint after the running chunk."""
-    c = trainer.config
+    c = trainer.run_config
     members = trainer.population_size
     stop = StopRequest() if stop is None else stop
     total = c.num_chunks * c.env_steps_per_chunk
@@ -91,7 +91,7 @@ def train(
     progress = progress or Progress(total, label)
     run.path.mkdir(parents=True, exist_ok=True)
     if members > 1:
-        write(run.write_population, trainer.config, what="writing population.json")
+        write(run.write_population, trainer.run_config, what="writing population.json")
     ckpt = Checkpoints(run.checkpoints, keep=c.keep_checkpoints)
     state = trainer.init() if state is None else state
     first_chunk = env_steps(state) // c.env_steps_per_chunk
@@ -147,7 +147,7 @@ def train(
                 wandb_log.log(summary, rows)
             if eval_returns is not None:
                 title = f"{c.env} {c.algo}" + (f" seed {c.seed}" if members == 1 else "")
-                write(run.plot, title, trainer.config, what="writing the plot")
+                write(run.plot, title, trainer.run_config, what="writing the plot")
             stopping = bool(stop)  # read once: a later signal waits for the next chunk
             if (chunk + 1) % c.checkpoint_every == 0 or last or stopping:
                 last_saved = write(
@@ -334,7 +334,7 @@ def check_resume(run_dir: Path, step: int, saved: Config, config: Config) -> Non
                 "was changed)"
             ) from None
         edited = [k for k in old if k != "run_dir" and written[k] != old[k]]
-        shape = [k for k in edited if k not in RESUMABLE_CHANGES]
+        shape = [k for k in edited if k not in RESUMABLE]
         if shape:
             details = ", ".join(f"{k}: {written[k]!r} there, {old[k]!r} in the checkpoint"
                                 for k in shape)  # fmt: skip

@@ -43,7 +43,7 @@ def checkpoint_round_trip(tmp_path):
 
     def round_trip(state, trainer, expected=None):
         writer = Checkpoints(tmp_path / "checkpoints", async_save=False)
-        writer.save(state, trainer.config, save_buffer=True)
+        writer.save(state, trainer.run_config, save_buffer=True)
         writer.close()
         restored = Checkpoints(tmp_path / "checkpoints", read_only=True).restore(trainer)
         want = state if expected is None else expected

@@ -58,7 +58,7 @@ def test_a_member_is_the_single_run_of_its_seed_and_values(compile_count):
     assert [(m.seed, m.critic_lr) for m in population.members] == [
         (1, 1e-4), (4, 1e-4), (1, 3e-4), (4, 3e-4)
     ]  # fmt: skip
-    assert Config.from_dict(population.config.to_dict()) == population.config
+    assert Config.from_dict(population.run_config.to_dict()) == population.run_config
     pop_state = population.init()
     member = 2
     single = Trainer(config(seed=1, critic_lr=3e-4, steps_per_chunk=70))
@@ -101,7 +101,7 @@ def test_varied_values_and_seeds_do_not_recompile(compile_count):
     state, _ = other.train_chunk(other.init())
     jax.block_until_ready(other.evaluate(state, 0))
     assert compile_count() == before, "other seeds and values reuse the compiled programs"
-    np.testing.assert_allclose(np.asarray(state.hparams.gamma), [0.95, 0.97])
+    np.testing.assert_allclose(np.asarray(state.hparams["gamma"]), [0.95, 0.97])
 
 
 # The population run: the `cpu` preset as users get it (2,000 warm-up steps), to
