@@ -485,29 +485,32 @@ def update_v1(learner: Learner, state: TrainState, batch: Transition, gamma: jax
 
 def actor_step(learner: Learner, state: TrainState, critic: Params, obs: jax.Array,
                key: jax.Array) -> tuple[dict, dict]:  # fmt: skip
-    """The actor's gradient step against ``critic``: the new actor fields and metrics."""
-    actor, actor_opt, metrics = gradient_step(
-        actor_loss, state.actor, state.actor_opt, learner.actor_opt,
-        critic, state.log_alpha, obs, key, nets=learner.nets, actor_q=learner.actor_q,
-    )  # fmt: skip
-    metrics.pop("log_prob")
-    return {"actor": actor, "actor_opt": actor_opt}, metrics | _one_actor_update()
+    """SAC v1's policy turn: the actor's gradient step against ``critic``."""
+    fields, metrics, _ = _actor_gradient_step(learner, state, critic, obs, key)
+    return fields, metrics | _one_actor_update()
 
 
 def policy_step(learner: Learner, state: TrainState, critic: Params, obs: jax.Array,
                 key: jax.Array) -> tuple[dict, dict]:  # fmt: skip
     """SAC v2's policy turn: the actor's step, then the temperature's on its log-probs."""
+    fields, metrics, log_prob = _actor_gradient_step(learner, state, critic, obs, key)
+    log_alpha, alpha_opt, m = gradient_step(
+        alpha_loss, state.log_alpha, state.alpha_opt, learner.alpha_opt,
+        log_prob, target_entropy=state.hparams["target_entropy"],
+    )  # fmt: skip
+    fields |= {"log_alpha": log_alpha, "alpha_opt": alpha_opt}
+    return fields, metrics | m | _one_actor_update()
+
+
+def _actor_gradient_step(learner: Learner, state: TrainState, critic: Params, obs: jax.Array,
+                         key: jax.Array) -> tuple[dict, dict, jax.Array]:  # fmt: skip
+    """The actor's gradient step: its new fields, its metrics and the batch's log-probs."""
     actor, actor_opt, metrics = gradient_step(
         actor_loss, state.actor, state.actor_opt, learner.actor_opt,
         critic, state.log_alpha, obs, key, nets=learner.nets, actor_q=learner.actor_q,
     )  # fmt: skip
-    log_alpha, alpha_opt, m = gradient_step(
-        alpha_loss, state.log_alpha, state.alpha_opt, learner.alpha_opt,
-        metrics.pop("log_prob"), target_entropy=state.hparams["target_entropy"],
-    )  # fmt: skip
-    fields = {"actor": actor, "actor_opt": actor_opt, "log_alpha": log_alpha,
-              "alpha_opt": alpha_opt}  # fmt: skip
-    return fields, metrics | m | _one_actor_update()
+    log_prob = metrics.pop("log_prob")
+    return {"actor": actor, "actor_opt": actor_opt}, metrics, log_prob
 
 
 def _one_actor_update() -> dict:
