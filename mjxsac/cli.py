@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import logging
 import os
 import re
@@ -55,13 +56,22 @@ class _DropUnretrieved(logging.Filter):
 
 def drop_closed_loop_noise(unraisable) -> None:
     """After a failed read or write, TensorStore still completes the operations it had
-    started and calls back into the asyncio loop Orbax has already closed; Python would
-    print each of those harmless 'Event loop is closed' errors as a traceback. Drop
-    exactly those."""
-    e = unraisable.exc_value
+    started and calls back into the asyncio loop Orbax has already closed, and Orbax's
+    sibling reads, abandoned, raise the same failure again as their coroutines are
+    collected; Python would print each of those echoes as a traceback after the
+    command's one-line error (how many depends on timing: on a busy machine, some).
+    Drop exactly those: 'Event loop is closed', and exceptions of Orbax's coroutines
+    raised while they are finalized."""
+    e, obj = unraisable.exc_value, unraisable.object
     if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
         return
+    code = getattr(obj, "cr_code", None)
+    if inspect.iscoroutine(obj) and code is not None and ORBAX_PATH in code.co_filename:
+        return
     sys.__unraisablehook__(unraisable)
+
+
+ORBAX_PATH = f"{os.sep}orbax{os.sep}"
 
 
 def quoted(path) -> str:

@@ -406,3 +406,27 @@ def test_offline_wandb_reaches_no_network(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert list((run_dir / "wandb").glob("offline-run-*")), "an offline wandb run"
     assert not log.exists(), f"network access attempted: {log.read_text()}"
+
+
+def test_echoes_of_an_orbax_failure_are_dropped_and_other_errors_kept(monkeypatch):
+    """After a failed checkpoint read, Orbax's abandoned sibling reads raise the failure
+    again as their coroutines are collected (seen on a busy machine, after the one-line
+    error); the hook drops those and passes every other unraisable exception on."""
+    import types
+
+    from mjxsac.cli import drop_closed_loop_noise
+
+    passed_on = []
+    monkeypatch.setattr(sys, "__unraisablehook__", passed_on.append)
+    for filename, shown in (("/site-packages/orbax/checkpoint/serialization.py", False),
+                            ("/site-packages/other/module.py", True)):  # fmt: skip
+        scope: dict = {}
+        exec(compile("async def read(): pass", filename, "exec"), scope)
+        coroutine = scope["read"]()
+        args = types.SimpleNamespace(exc_value=Exception("reading failed"), object=coroutine)
+        drop_closed_loop_noise(args)
+        coroutine.close()
+        assert (passed_on[-1:] == [args]) == shown
+    closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"), object=None)
+    drop_closed_loop_noise(closed)
+    assert len(passed_on) == 1

@@ -710,7 +710,7 @@ def test_an_unreadable_checkpoint_stops_the_resume_and_changes_nothing(trained, 
         data.chmod(0o644)
     assert done.returncode == 1, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"mjxsac-train: cannot read {data} (Permission denied)"), last
+    assert last.startswith(f"mjxsac-train: cannot read {data} (Permission denied)"), done.stderr
     assert "Traceback" not in done.stderr and "skipping" not in done.stderr
     assert snapshot(run_dir) == before, "nothing rolled back, moved or rewritten"
     assert not (run_dir / "checkpoints-unusable").exists()
