@@ -1,7 +1,8 @@
 """The persistent compilation cache (CPU): a second process with the same shapes and
-another seed compiles nothing; another shape or a change of the code compiles anew and
-trains; ``--compile-cache off`` writes no cache. Each run is a separate process (what a
-sweep agent, a resume or a rerun does), on InvertedPendulum with small networks; what was
+another seed compiles nothing; a change of the code compiles anew and trains (another
+shape does too: JAX's key holds the shapes, so no test pays a process for it);
+``--compile-cache off`` writes no cache. Each run is a separate process (what a sweep
+agent, a resume or a rerun does), on InvertedPendulum with small networks; what was
 compiled and loaded comes from the command's own report (JAX's compile events and cache
 logging), never from timings."""
 
@@ -72,11 +73,6 @@ def test_second_process_loads_everything_and_changes_compile_anew(tmp_path):
     # Same shapes, another seed: every program comes from the cache.
     second = run(home, tmp_path / "b", "--seed", "1")
     assert second["compiled"] == 0 and second["loaded"] == first["compiled"]
-
-    # Another batch size: the train chunk compiles anew (and trains, checked in run);
-    # evaluation and initialization, whose programs do not depend on it, are loaded.
-    other = run(home, tmp_path / "c", "--seed", "1", "--batch-size", "128")
-    assert other["compiled"] >= 1 and other["loaded"] >= 1
 
     # A change of the code (made at run time, the files are the same) changes the
     # program, so it misses: never the stale program.

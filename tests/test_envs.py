@@ -125,35 +125,31 @@ def test_sizes_and_float32_shapes(name):
             assert set(s.metrics) == set(env.metric_names)
 
 
-@pytest.mark.parametrize("name", envs.NAMES)
-def test_jit_rollout_and_auto_reset(name):
+def test_jit_rollout_and_auto_reset():
     """A jitted random rollout in float32 with a short time limit: finite, right shapes,
     episodes restart with fresh reset noise, and ``final_obs`` keeps the observation that
-    ended each episode. InvertedPendulum runs a batch of 3 envs under ``vmap``; the other
-    tasks run one env, because a vmapped physics step compiles about twice as long on the
-    CI's CPU (Humanoid: 164 s) and ``vmap`` is traced for every task above and run by the
-    training tests. A host loop over one jitted step: a scanned rollout compiles longer.
+    ended each episode; InvertedPendulum, a batch of 3 envs under ``vmap``. (The wrappers'
+    logic is checked without physics below, and every task's float32 step is traced by
+    ``test_sizes_and_float32_shapes`` and stepped from compact states by the parity tests:
+    compiling this rollout for the other six tasks cost 3-4 CPU-minutes of the suite.)
+    A host loop over one jitted step: a scanned rollout compiles longer.
 
     Every step is also taken from the state's compact form (``Env.compact``, what the
-    training loop carries) expanded again: the same compiled step must give the same bits,
-    so the step reads nothing but ``STEP_INPUTS`` and the task's ``before_fields``; and the
-    batched stack carrying compact states (``VmapEnv(compact=True)``) steps alike."""
-    batch = 3 if name == "InvertedPendulum" else None
-    horizon, limit = 12, 5
-    base = envs.make(name)
-    env = envs.AutoReset(envs.TimeLimit(base, episode_length=limit))
-    round_trip = lambda data: base.expand(base.compact(data))  # noqa: E731
-    if batch:
-        env = envs.VmapEnv(env, batch)
-        round_trip = jax.vmap(round_trip)
-    round_trip = jax.jit(round_trip)  # device arrays like the step's: no second compile
-    lead = (batch,) if batch else ()
+    training loop carries) expanded again: the same compiled step must give the same bits;
+    and the batched stack carrying compact states (``VmapEnv(compact=True)``) steps
+    alike."""
+    batch, horizon, limit = 3, 12, 5
+    base = envs.make("InvertedPendulum")
+    env = envs.VmapEnv(envs.AutoReset(envs.TimeLimit(base, episode_length=limit)), batch)
+    # Device arrays like the step's: no second compile.
+    round_trip = jax.jit(jax.vmap(lambda data: base.expand(base.compact(data))))
+    lead = (batch,)
     step = jax.jit(env.step)
     state = jax.jit(env.reset)(jax.random.key(1))
-    if batch:  # the stack that carries compact states gives the same steps
-        compact_env = envs.VmapEnv(env.env, batch, compact=True)
-        compact_step = jax.jit(compact_env.step)
-        compact = jax.jit(compact_env.reset)(jax.random.key(1))
+    # The stack that carries compact states gives the same steps.
+    compact_env = envs.VmapEnv(env.env, batch, compact=True)
+    compact_step = jax.jit(compact_env.step)
+    compact = jax.jit(compact_env.reset)(jax.random.key(1))
     rng = np.random.default_rng(0)
     traj, starts = [], [np.asarray(state.obs)]
     for _ in range(horizon):
@@ -161,12 +157,11 @@ def test_jit_rollout_and_auto_reset(name):
         action = action.astype(np.float32)
         from_compact = step(state.replace(data=round_trip(state.data)), action)
         state = step(state, action)
-        if batch:
-            compact = compact_step(compact, action)
-            assert compact.data.xpos is None
-            for field in ("obs", "reward", "final_obs", "steps"):
-                np.testing.assert_array_equal(getattr(compact, field), getattr(state, field))
-            np.testing.assert_array_equal(compact.data.qvel, state.data.qvel)
+        compact = compact_step(compact, action)
+        assert compact.data.xpos is None
+        for field in ("obs", "reward", "final_obs", "steps"):
+            np.testing.assert_array_equal(getattr(compact, field), getattr(state, field))
+        np.testing.assert_array_equal(compact.data.qvel, state.data.qvel)
         for got, want in zip(jax.tree.leaves(from_compact), jax.tree.leaves(state), strict=True):
             if not jnp.issubdtype(want.dtype, jax.dtypes.prng_key):
                 np.testing.assert_array_equal(got, want)
@@ -179,8 +174,8 @@ def test_jit_rollout_and_auto_reset(name):
     assert traj.obs.dtype == traj.reward.dtype == np.float32
     for leaf in jax.tree.leaves((traj.obs, traj.final_obs, traj.reward, traj.metrics)):
         assert np.all(np.isfinite(leaf))
-    if batch:  # different envs in the batch start differently (independent reset noise)
-        assert not np.allclose(starts[0][0], starts[0][1])
+    # Different envs in the batch start differently (independent reset noise).
+    assert not np.allclose(starts[0][0], starts[0][1])
 
     done = traj.terminated | traj.truncated
     assert done.any(), "the time limit must end episodes inside the rollout"

@@ -15,7 +15,7 @@ import pytest
 
 import envs
 from envs.base import PhysicsOptions, healthy_between
-from envs.parity import gym_env, one_step_parity, record_one_step, trajectory_parity
+from envs.parity import compiled, gym_env, one_step_parity, record_one_step, trajectory_parity
 
 TERMINATING = ("Hopper", "Walker2d", "Ant", "Humanoid")
 # Trajectory parity: (steps checked, tolerance). Each simulator runs on its own, so
@@ -63,6 +63,25 @@ def check_trajectories(env, name, steps, tol, physics=None):
         assert per_step[0] < 1e-13, "reset observations agree"
         assert per_step.max() < tol, (seed, per_step)
         assert traj["reward"].max() < tol
+    check_compact_steps(env)
+
+
+def check_compact_steps(env, steps=12):
+    """Every step taken from the state's compact form (``Env.compact``, what the training
+    loop carries) expanded again gives the same bits as the step from the full state: the
+    step reads nothing but ``STEP_INPUTS`` and the task's ``before_fields``. The same
+    compiled step as the trajectories' (x64), so this costs no compilation."""
+    reset_to, step = compiled(env)
+    round_trip = jax.jit(lambda data: env.expand(env.compact(data)))
+    state = reset_to(np.asarray(env.init_qpos), np.asarray(env.init_qvel))
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        action = rng.uniform(env.action_low, env.action_high).astype(np.float64)
+        from_compact = step(state.replace(data=round_trip(state.data)), action)
+        state = step(state, action)
+        for got, want in zip(jax.tree.leaves(from_compact), jax.tree.leaves(state), strict=True):
+            if not jax.dtypes.issubdtype(want.dtype, jax.dtypes.prng_key):
+                np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("name", [n for n in envs.NAMES if n != "Humanoid"])
