@@ -30,10 +30,10 @@ import numpy as np  # noqa: E402
 
 import envs  # noqa: E402
 from launch.bench_envs import measure, stack_of  # noqa: E402
-from mjxsac import normalizer as obs_norm  # noqa: E402
 from mjxsac import presets  # noqa: E402
 from mjxsac.config import Config, parse_scalar  # noqa: E402
-from mjxsac.networks import deterministic_action  # noqa: E402
+from mjxsac.evaluate import evaluate_gymnasium  # noqa: E402
+from mjxsac.policy import Loaded  # noqa: E402
 from mjxsac.sac import Trainer, env_steps  # noqa: E402
 
 
@@ -112,34 +112,6 @@ def run_brax(task: str, target: float, budget_s: float, seed: int, env_steps: in
     return {"curve": curve, "reached": reached, "budget_s": budget_s}
 
 
-def evaluate_in_gymnasium(trainer: Trainer, policy: dict, episodes: int, seed: int) -> list:
-    """Returns of the deterministic policy in Gymnasium's own env of the same name (C
-    MuJoCo, float64 physics), with the same observation normalization."""
-    from envs.parity import gym_env
-
-    gym = gym_env(trainer.config.env)
-    env = trainer.env
-
-    @jax.jit
-    def act(obs):
-        mean, _ = trainer.actor.apply(
-            policy["actor"], obs_norm.normalize(policy["normalizer"], obs)
-        )
-        return envs.scale_action(env, deterministic_action(mean))
-
-    returns = []
-    for episode in range(episodes):
-        obs, _ = gym.reset(seed=seed + episode)
-        total = 0.0
-        for _ in range(trainer.config.episode_length):
-            obs, reward, terminated, _, _ = gym.step(np.asarray(act(obs.astype(np.float32))))
-            total += float(reward)
-            if terminated:
-                break
-        returns.append(total)
-    return returns
-
-
 def cmd_target(args) -> dict:
     out = {}
     if not args.brax_only:
@@ -209,7 +181,8 @@ def cmd_final(args) -> dict:
             result = run_ours(config, None, float("inf"), args.eval_chunks)
             state = jax.tree.map(lambda x: x[0], result["state"])  # the one member
             policy = {"actor": state.actor, "normalizer": state.normalizer}
-            gym_returns = evaluate_in_gymnasium(result["trainer"], policy, 10, seed=1000)
+            loaded = Loaded(result["trainer"], policy, env_steps(result["state"]), 0)
+            gym_returns = evaluate_gymnasium(loaded, 10, seed=1000, say=lambda _: None)[0]
             final = result["curve"][-1]
             rows.append({"algo": algo, "seed": seed, "env_steps": final["env_steps"],
                          "wall_s": final["wall_s"], "mjx_return": final["eval_return"],

@@ -127,7 +127,7 @@ def policy_from_run(run: str | Path, noise: float) -> tuple[Policy, str]:
     clipped and mapped onto the control range; and a description of it."""
     from mjxsac import normalizer as obs_norm
     from mjxsac.networks import deterministic_action
-    from mjxsac.render import load
+    from mjxsac.policy import load
 
     with jax.enable_x64(False):  # the policy as trained: float32
         trainer, params, step, _member = load(run)

@@ -444,7 +444,7 @@ def save_policy(
 ) -> dict:
     """Save ``policy`` (actor and normalizer, with the member axis) as a run directory
     that ``mjxsac-render`` loads, check its size, and load it back as mjxsac-render does."""
-    from mjxsac import render  # only here: it sets MUJOCO_GL for the process
+    from mjxsac.policy import load
 
     if directory.exists():  # a rerun into the same DIR
         shutil.rmtree(directory)
@@ -452,7 +452,7 @@ def save_policy(
     ckpt.save_policy(policy, config, step, eval_returns)
     ckpt.close()
     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
-    _, loaded, loaded_step, member = render.load(directory)
+    _, loaded, loaded_step, member = load(directory)
     same = jax.tree.map(
         lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)[member]), loaded, policy
     )

@@ -153,7 +153,7 @@ def policy_actions(checkpoint: str) -> tuple[Callable, str]:
     """A trained policy's deterministic actions (in the control range) and its task."""
     from mjxsac import normalizer as obs_norm
     from mjxsac.networks import deterministic_action
-    from mjxsac.render import load
+    from mjxsac.policy import load
 
     trainer, policy, step, _member = load(checkpoint)  # the best member of a population
     env = trainer.env.unwrapped if hasattr(trainer.env, "unwrapped") else trainer.env
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     tasks = args.tasks
     if args.checkpoint:  # the policy's own task
-        from mjxsac.render import load
+        from mjxsac.policy import load
 
         tasks = [load(args.checkpoint)[0].config.env]
     for task in tasks:

@@ -25,7 +25,7 @@ import numpy as np
 
 from envs import scale_action
 from mjxsac import normalizer as obs_norm
-from mjxsac.checkpoint import Checkpoints, find_checkpoints
+from mjxsac.checkpoint import find_checkpoints
 from mjxsac.cli import (
     UserError,
     debug_requested,
@@ -33,7 +33,8 @@ from mjxsac.cli import (
     one_line_errors,
     quiet_libraries,
 )
-from mjxsac.networks import deterministic_action, sample_action
+from mjxsac.networks import sample_action
+from mjxsac.policy import act, load
 from mjxsac.sac import Trainer
 
 
@@ -125,27 +126,12 @@ def _reset(trainer: Trainer, key: jax.Array):
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _act_and_step(trainer: Trainer, stochastic: bool, policy: dict, state, key: jax.Array):
     """One policy action (sampled or the mean) and one env step."""
-    obs = obs_norm.normalize(policy["normalizer"], state.obs)
-    mean, log_std = trainer.actor.apply(policy["actor"], obs)
-    action = sample_action(mean, log_std, key)[0] if stochastic else deterministic_action(mean)
-    return trainer.env.step(state, scale_action(trainer.env, action))
-
-
-def load(path: str | Path, member: int | None = None) -> tuple[Trainer, dict, int, int]:
-    """The trainer (from the checkpoint's own config), one member's policy, the step and
-    the member (default: the best by the checkpoint's eval returns, else the first)."""
-    directory, step = find_checkpoints(path)
-    ckpt = Checkpoints(directory, read_only=True, prog="mjxsac-render")
-    config = ckpt.config(step)
-    trainer = Trainer(config)
-    step, policy = ckpt.restore_policy(trainer, step)
-    size = trainer.population_size
-    if member is None:
-        returns = ckpt.meta(step).get("eval_returns")
-        member = int(np.argmax(returns)) if returns else 0
-    if not 0 <= member < size:
-        raise UserError(f"--member {member}: the population has members 0..{size - 1}")
-    return trainer, jax.tree.map(lambda x: x[member], policy), step, member
+    if not stochastic:
+        return trainer.env.step(state, act(trainer, policy, state.obs))
+    mean, log_std = trainer.actor.apply(
+        policy["actor"], obs_norm.normalize(policy["normalizer"], state.obs)
+    )
+    return trainer.env.step(state, scale_action(trainer.env, sample_action(mean, log_std, key)[0]))
 
 
 def write_video(frames: list[np.ndarray], path: Path, fps: float) -> Path:
@@ -188,7 +174,7 @@ def render_run(
     check_writable(out)
     if gif:
         check_writable(out.with_suffix(".gif"))
-    trainer, policy, step, member = load(checkpoint, member)
+    trainer, policy, step, member = load(checkpoint, member, prog="mjxsac-render")
     runner = PolicyRunner(trainer, policy, width, height)
     max_steps = max_steps if max_steps is not None else trainer.config.episode_length
     key, frames, returns = jax.random.key(seed), [], []

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mjxsac import compile_cache, render
+from mjxsac import compile_cache, policy, render
 from mjxsac.ahead import compile_ahead
 from mjxsac.checkpoint import Checkpoints, check_compatible
 from mjxsac.cli import (
@@ -528,7 +528,7 @@ def render_final_video(run: RunDir) -> tuple[Path | None, int]:
     """The final policy's video (the best member's in a population) for wandb; a machine
     without a headless GL gets a warning, not a failed run."""
     try:
-        member = render.load(run.path)[3]
+        member = policy.load(run.path, prog="mjxsac-train").member
         return render.render_run(run.path, run.path / "final.mp4", member=member), member
     except Exception as e:  # rendering is a bonus: never lose the run over it
         print(f"mjxsac-train: no final video ({type(e).__name__}: {e})", file=sys.stderr)

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from mjxsac import presets, render
+from mjxsac import evaluate, export, policy, presets, render
 from mjxsac import train as train_cli
 from mjxsac.checkpoint import Checkpoints
 from mjxsac.config import Config
@@ -192,6 +192,51 @@ def test_render_a_member_and_by_default_the_best(population_run, tmp_path, capsy
     assert f"member {best}" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"members 0\.\.3"):
         render.main([str(population_run), "--member", "7", "--out", str(tmp_path / "x.mp4")])
+
+
+def test_eval_scores_the_best_member_in_mjx_and_in_gymnasium(population_run, tmp_path, capsys):
+    """Both near 1,000: the best member (the default) balances the pendulum in MJX and in
+    Gymnasium's own InvertedPendulum-v5 (C MuJoCo, float64)."""
+    mjx = evaluate.evaluate_run(population_run, episodes=3, out=tmp_path / "mjx.json")
+    video = tmp_path / "gym.mp4"
+    evaluate.main([str(population_run), "--gymnasium", "--episodes", "3",
+                   "--video", str(video), "--width", "64", "--height", "48",
+                   "--out", str(tmp_path / "gym.json")])  # fmt: skip
+    gym = json.loads((tmp_path / "gym.json").read_text())
+    out = capsys.readouterr().out
+    assert "3 deterministic episodes in Gymnasium's InvertedPendulum-v5" in out
+    assert mjx["member"] == gym["member"]
+    assert json.loads((tmp_path / "mjx.json").read_text()) == mjx
+    assert mjx["return_mean"] >= SOLVED and gym["return_mean"] >= SOLVED, (mjx, gym)
+    assert len(gym["returns"]) == len(gym["lengths"]) == 3
+    assert len(imageio.mimread(video, memtest=False)) == sum(gym["lengths"]) + 3
+    member = evaluate.evaluate_run(population_run, member=2, episodes=1, seed=5,
+                                   out=tmp_path / "m2.json")  # fmt: skip
+    assert member["member"] == 2 and member["seed"] == 5
+    with pytest.raises(SystemExit, match=r"members 0\.\.3"):
+        evaluate.main([str(population_run), "--member", "4"])
+
+
+def test_export_a_member_as_onnx_and_npz(population_run, tmp_path):
+    """The written model, run by onnxruntime on new observations, gives the JAX policy's
+    actions; its input takes any batch."""
+    import onnxruntime
+
+    written = export.export_run(population_run, member=1, onnx_path=tmp_path / "p.onnx",
+                                npz_path=tmp_path / "p.npz")  # fmt: skip
+    assert written["member"] == 1 and written["max_abs_diff"] < export.TOLERANCE
+    loaded = policy.load(population_run, member=1)
+    obs = np.asarray(policy.observations(loaded.trainer, loaded.policy, 4, 50, jax.random.key(7)))
+    want = np.asarray(policy.act(loaded.trainer, loaded.policy, obs))
+    session = onnxruntime.InferenceSession(tmp_path / "p.onnx", providers=["CPUExecutionProvider"])
+    (given,) = session.get_inputs()
+    assert (given.name, given.shape) == ("obs", ["batch", 4])
+    for rows in (obs, obs[:3]):
+        got = session.run(["action"], {"obs": rows})[0]
+        assert np.max(np.abs(got - want[: len(rows)])) < export.TOLERANCE
+    weights = np.load(tmp_path / "p.npz")
+    assert weights["kernel_0"].shape == (4, 256) and weights["kernel_2"].shape == (256, 1)
+    assert float(weights["obs_clip"]) == 10.0
 
 
 @pytest.mark.parametrize(
