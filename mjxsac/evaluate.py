@@ -101,8 +101,8 @@ def evaluate_gymnasium(
         for episode in range(episodes):
             obs, _ = env.reset(seed=seed + episode)
             total, steps = 0.0, 0
-            if video is not None:
-                frames.append(env.render())
+            if video is not None:  # the first render opens Gymnasium's GL context
+                frames.append(render.headless(env.render) if episode == 0 else env.render())
             while steps < trainer.config.episode_length:
                 action = np.asarray(jit_act(trainer, policy, obs.astype(np.float32)))
                 obs, reward, terminated, _, _ = env.step(action)
@@ -158,6 +158,7 @@ def evaluate_run(
     out_path = Path(out) if out else run_dir / f"eval_{simulator}.json"
     if out_path.is_dir():
         raise UserError(f"--out {out_path} is a directory: give a file name such as eval.json")
+    write(_probe, out_path, what=f"writing {out_path}")  # fail before the episodes, not after
     if video is not None:
         render.check_writable(Path(video))
     loaded = load(checkpoint, member, prog=PROG)
@@ -197,6 +198,13 @@ def evaluate_run(
         fps = 1.0 / trainer.env.dt
         print(f"wrote {render.write_video(frames, Path(video), fps)} ({len(frames)} frames)")
     return result
+
+
+def _probe(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    probe = path.with_name(f".{path.name}.probe")
+    probe.write_bytes(b"")
+    probe.unlink()
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -17,7 +17,9 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # before mujoco is imported
 import argparse
 import functools
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import jax
 import mujoco
@@ -36,6 +38,8 @@ from mjxsac.cli import (
 from mjxsac.networks import sample_action
 from mjxsac.policy import act, load
 from mjxsac.sac import Trainer
+
+T = TypeVar("T")
 
 
 class PolicyRunner:
@@ -81,10 +85,17 @@ class PolicyRunner:
 
 def open_renderer(model: mujoco.MjModel, height: int, width: int) -> mujoco.Renderer:
     """MuJoCo's offscreen renderer; a missing GL library is a one-line error with the fix."""
+    return headless(lambda: mujoco.Renderer(model, height, width))
+
+
+def headless(open_gl: Callable[[], T]) -> T:
+    """``open_gl()``, whose failure to find a headless OpenGL (an ImportError,
+    AttributeError or mujoco.FatalError, by backend) becomes a one-line error with the
+    fix; mjxsac-eval's Gymnasium videos open theirs through it too."""
     backend = os.environ.get("MUJOCO_GL", "egl")
     try:
-        return mujoco.Renderer(model, height, width)
-    except Exception as e:  # ImportError, AttributeError or mujoco.FatalError, by backend
+        return open_gl()
+    except Exception as e:
         packages = {"osmesa": "libosmesa6", "egl": "libegl1 libgl1"}.get(backend, "")
         fix = f"install {packages} (Debian) or " if packages else ""
         other = "egl" if backend != "egl" else "osmesa"

@@ -200,3 +200,24 @@ def test_eval_and_export_work_on_a_v1_policy_checkpoint(policy_run, tmp_path):
     assert (
         written["max_abs_diff"] < export.TOLERANCE and (tmp_path / "v1.onnx").stat().st_size > 1000
     )
+
+
+def test_eval_refuses_an_unwritable_json_before_any_episode(policy_run, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    err = one_line(evaluate.main, [str(policy_run), "--out", str(blocker / "eval.json")])
+    assert err.startswith("mjxsac-eval: writing ") and "choose a path whose parents" in err
+    assert "episodes" not in capsys.readouterr().out
+
+
+def test_a_missing_headless_gl_is_one_line_with_the_fix(monkeypatch):
+    """What mjxsac-eval's Gymnasium video (and mjxsac-render) say when MuJoCo finds no
+    OpenGL: the backend, the error and the fix."""
+    from mjxsac import render
+
+    def no_gl():
+        raise AttributeError("'NoneType' object has no attribute 'glGetError'")
+
+    monkeypatch.setenv("MUJOCO_GL", "osmesa")
+    with pytest.raises(UserError, match=r"MUJOCO_GL=osmesa .*install libosmesa6 .*MUJOCO_GL=egl"):
+        render.headless(no_gl)
