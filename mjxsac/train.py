@@ -173,6 +173,9 @@ def train(
         raise
     write(ckpt.close, what="finishing the last checkpoint")
     progress.message(f"done in {time.monotonic() - start:.0f}s; run directory {run.path}")
+    where = quoted(run.path)
+    progress.message(f"next: mjxsac-eval {where} [--gymnasium], mjxsac-render {where}, "
+                     f"mjxsac-export {where} --onnx policy.onnx")  # fmt: skip
     return state
 
 

@@ -84,6 +84,7 @@ def test_a_run_from_the_command_line_writes_its_directory(tmp_path, capsys):
     assert (run_dir / "learning_curve.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "env-steps/s" in out and "updates/s" in out and "ETA" in out
+    assert f"next: mjxsac-eval {run_dir} [--gymnasium], mjxsac-render {run_dir}" in out
 
 
 @pytest.mark.xdist_group("sac-v1")
