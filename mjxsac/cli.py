@@ -17,6 +17,7 @@ import re
 import shlex
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -108,6 +109,26 @@ def write(fn: Callable[..., T], *args, what: str) -> T:
         if cause is None:
             raise
         raise UserError(describe_os_error(cause, what)) from e
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write through a temporary file beside ``path`` and rename, so a crash never leaves
+    half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
+    tmp.replace(path)
+
+
+def probe_writable(path: Path) -> None:
+    """Raise the ``OSError`` that writing ``path`` would meet, before the work that
+    produces it (creating a missing parent directory)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    probe = path.with_name(f".{path.name}.probe")
+    probe.write_bytes(b"")
+    probe.unlink()
 
 
 def os_error_in(e: BaseException) -> OSError | None:

@@ -29,7 +29,15 @@ import numpy as np
 import envs
 from mjxsac import render
 from mjxsac.checkpoint import find_checkpoints
-from mjxsac.cli import UserError, debug_requested, one_line_errors, quiet_libraries, write
+from mjxsac.cli import (
+    UserError,
+    debug_requested,
+    one_line_errors,
+    probe_writable,
+    quiet_libraries,
+    write,
+    write_atomic,
+)
 from mjxsac.config import Config
 from mjxsac.policy import Loaded, jit_act, load
 from mjxsac.sac import Trainer
@@ -158,7 +166,8 @@ def evaluate_run(
     out_path = Path(out) if out else run_dir / f"eval_{simulator}.json"
     if out_path.is_dir():
         raise UserError(f"--out {out_path} is a directory: give a file name such as eval.json")
-    write(_probe, out_path, what=f"writing {out_path}")  # fail before the episodes, not after
+    # Fail before the episodes, not after them.
+    write(probe_writable, out_path, what=f"writing {out_path}")
     if video is not None:
         render.check_writable(Path(video))
     loaded = load(checkpoint, member, prog=PROG)
@@ -192,26 +201,13 @@ def evaluate_run(
     print(f"return mean {s['return_mean']:,.2f} std {s['return_std']:,.2f} "
           f"min {s['return_min']:,.2f} max {s['return_max']:,.2f}; "
           f"episode length mean {s['length_mean']:,.1f}")  # fmt: skip
-    write(_write_json, out_path, result, what=f"writing {out_path}")
+    text = json.dumps(result, indent=1) + "\n"
+    write(write_atomic, out_path, text, what=f"writing {out_path}")
     print(f"wrote {out_path}")
     if video is not None:
         fps = 1.0 / trainer.env.dt
         print(f"wrote {render.write_video(frames, Path(video), fps)} ({len(frames)} frames)")
     return result
-
-
-def _probe(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    probe = path.with_name(f".{path.name}.probe")
-    probe.write_bytes(b"")
-    probe.unlink()
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> None:

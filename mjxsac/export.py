@@ -19,7 +19,7 @@ generic JAX converter.
 from __future__ import annotations
 
 import argparse
-import os
+import io
 from pathlib import Path
 
 import jax
@@ -27,7 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from mjxsac import normalizer as obs_norm
-from mjxsac.cli import UserError, debug_requested, one_line_errors, quiet_libraries, write
+from mjxsac.cli import (
+    UserError,
+    debug_requested,
+    one_line_errors,
+    probe_writable,
+    quiet_libraries,
+    write,
+    write_atomic,
+)
 from mjxsac.policy import Loaded, act, load, observations
 from mjxsac.sac import Trainer
 
@@ -124,15 +132,15 @@ def onnx_model(loaded: Loaded):
     x = node("Mul", [x, const("half", 0.5)], "unit")
     x = node("Mul", [x, const("action_range", high - low)], "spread")
     node("Add", [const("action_low", low), x], "action")
+
+    def io_value(name: str, size: int):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", size])
+
     graph = helper.make_graph(
         nodes,
         "mjxsac_policy",
-        [helper.make_tensor_value_info("obs", TensorProto.FLOAT, ["batch", trainer.obs_size])],
-        [
-            helper.make_tensor_value_info(
-                "action", TensorProto.FLOAT, ["batch", trainer.action_size]
-            )
-        ],
+        [io_value("obs", trainer.obs_size)],
+        [io_value("action", trainer.action_size)],
         initializer=list(constants.values()),
     )
     model = helper.make_model(
@@ -210,13 +218,7 @@ def _check_out(path: Path, suffix: str, flag: str) -> None:
         raise UserError(f"{flag} {path} is a directory: give a file name such as policy{suffix}")
     if path.suffix.lower() != suffix:
         raise UserError(f"{flag} {path}: the file name must end in {suffix}")
-
-
-def _replace_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write(probe_writable, path, what=f"writing {path}")  # creates a missing parent
 
 
 def export_run(
@@ -243,21 +245,15 @@ def export_run(
     if onnx_path is not None:
         model_bytes = onnx_model(loaded).SerializeToString()
         check = verify(model_bytes, loaded, seed)
-        write(_replace_atomically, onnx_path, model_bytes, what=f"writing {onnx_path}")
+        write(write_atomic, onnx_path, model_bytes, what=f"writing {onnx_path}")
         print(f"wrote {onnx_path} ({len(model_bytes):,} bytes); onnxruntime vs JAX on "
               f"{check['rows']:,} observations from MJX: max abs difference "
               f"{check['max_abs_diff']:.2e} (tolerance {TOLERANCE:g})")  # fmt: skip
         result.update(onnx=str(onnx_path), **check)
     if npz_path is not None:
-        arrays = weights(loaded)
-
-        def save(path: Path) -> None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.stem}.tmp.npz")
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)
-
-        write(save, npz_path, what=f"writing {npz_path}")
+        arrays, buffer = weights(loaded), io.BytesIO()
+        np.savez(buffer, **arrays)
+        write(write_atomic, npz_path, buffer.getvalue(), what=f"writing {npz_path}")
         print(f"wrote {npz_path} ({len(arrays) - 1} arrays; layout in its 'layout' entry)")
         result["npz"] = str(npz_path)
     return result

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import envs
 from envs import scale_action
 from mjxsac import normalizer as obs_norm
 from mjxsac.checkpoint import Checkpoints, find_checkpoints
@@ -58,13 +59,11 @@ jit_act = jax.jit(act, static_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def observations(trainer: Trainer, policy: dict, envs: int, steps: int, key: jax.Array):
-    """Observations the policy meets: ``envs`` MJX envs (auto-resetting at termination and
-    at the time limit) driven by the deterministic policy for ``steps`` steps; returns the
-    (steps * envs, obs) raw observations."""
-    import envs as tasks
-
-    stack = tasks.wrap(trainer.env, envs, trainer.config.episode_length)
+def observations(trainer: Trainer, policy: dict, num_envs: int, steps: int, key: jax.Array):
+    """Observations the policy meets: ``num_envs`` MJX envs (auto-resetting at termination
+    and at the time limit) driven by the deterministic policy for ``steps`` steps; returns
+    the (steps * num_envs, obs) raw observations."""
+    stack = envs.wrap(trainer.env, num_envs, trainer.config.episode_length)
 
     def step(state, _):
         action = act(trainer, policy, state.obs)

@@ -33,6 +33,7 @@ from mjxsac.cli import (
     debug_requested,
     describe_os_error,
     one_line_errors,
+    probe_writable,
     quiet_libraries,
 )
 from mjxsac.networks import sample_action
@@ -120,10 +121,7 @@ def check_writable(path: Path) -> None:
             f"--out {path}: a video needs one of the extensions {', '.join(VIDEO_SUFFIXES)}"
         )
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.with_name(f".{path.name}.probe")
-        probe.write_bytes(b"")
-        probe.unlink()
+        probe_writable(path)
     except OSError as e:
         raise UserError(describe_os_error(e, f"writing the video {path}")) from None
 

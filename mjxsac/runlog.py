@@ -16,7 +16,7 @@ from typing import IO
 
 import numpy as np
 
-from mjxsac.cli import UserError, describe_os_error, quoted
+from mjxsac.cli import UserError, describe_os_error, quoted, write_atomic
 from mjxsac.config import Config
 from mjxsac.losses import ACTOR_METRICS
 
@@ -313,13 +313,6 @@ def _parse_lock(text: str) -> dict:
 def _owner(owner: dict) -> str:
     since = f" (since {owner['since']})" if owner.get("since") else ""
     return f"process {owner.get('pid', '?')} on {owner.get('host', '?')}{since}"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 class Progress:
