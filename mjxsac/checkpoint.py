@@ -42,7 +42,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from mjxsac.cli import UserError, drop_closed_loop_noise, os_error_in
 from mjxsac.config import RESUMABLE, Config, FormatVersionError
-from mjxsac.sac import Trainer, TrainState, default_device, env_steps, place
+from mjxsac.sac import Trainer, TrainState, env_steps
 
 ITEMS = ("state", "policy", "config", "meta")
 
@@ -116,7 +116,8 @@ class Checkpoints:
         caller may donate ``state`` to the next chunk at once). ``eval_returns``: each
         member's; the checkpoint's rank among the best is their mean."""
         saved = drop_empty(state if save_buffer else state.replace(buffer=None))
-        return self._save(env_steps(state), config, eval_returns, {"has_buffer": save_buffer},
+        meta = {"has_buffer": save_buffer, "env_devices": env_devices(state)}
+        return self._save(env_steps(state), config, eval_returns, meta,
                           state=ocp.args.StandardSave(saved),
                           policy=ocp.args.StandardSave(policy_of(state)))  # fmt: skip
 
@@ -229,21 +230,32 @@ class Checkpoints:
         if meta.get("policy_only"):
             raise CheckpointError("it holds the policy alone (it renders; it cannot resume)")
         has_buffer = bool(meta["has_buffer"])
-        target = abstract(state_shapes(trainer))
+        shards = meta.get("env_devices", 1)
+        if has_buffer and shards != trainer.env_shards:
+            raise IncompatibleCheckpoint(
+                f"its replay buffers are split over {shards} device(s) per member, this run's "
+                f"over {trainer.env_shards}: resume with --devices "
+                f"{shards * trainer.population_size}"
+            )
+        shapes = state_shapes(trainer)
+        target = abstract(shapes, trainer.shardings(shapes))
         if not has_buffer:
             target = target.replace(buffer=None)
         state = fill_empty(self._restore_item(step, "state", drop_empty(target)), target)
         if not has_buffer:
             members = jnp.arange(trainer.population_size)
-            state = state.replace(buffer=jax.vmap(lambda _: trainer.empty_buffer())(members))
+            capacity = trainer.config.buffer_size  # every device's rows of a member
+            empty = jax.vmap(lambda _: trainer.empty_buffer(capacity))(members)
+            state = state.replace(buffer=empty)
         if env_steps(state) != step:
             raise CheckpointError(f"its state is at env step {env_steps(state)}, not {step}")
-        return place(state)
+        return trainer.place(state)
 
     def restore_policy(self, trainer: Trainer, step: int | None = None) -> tuple[int, dict]:
         """``(step, policy)``: the actor parameters and the normalizer of ``step``
         (default: the newest checkpoint whose policy restores)."""
-        target = abstract(policy_of(state_shapes(trainer)))
+        shapes = state_shapes(trainer)
+        target = abstract(policy_of(shapes), policy_of(trainer.shardings(shapes)))
         return self.newest_usable(lambda s: self._restore_item(s, "policy", target), step)
 
     def set_aside(self, newer_than: int) -> list[Path]:
@@ -319,6 +331,13 @@ def fill_empty(restored: Any, target: Any) -> Any:
     )
 
 
+def env_devices(state: TrainState) -> int:
+    """Over how many devices each member's envs and replay rows are split."""
+    spec = state.episode_return.sharding.spec
+    mesh = state.episode_return.sharding.mesh
+    return mesh.shape[spec[1]] if len(spec) > 1 and spec[1] else 1
+
+
 def policy_of(state: TrainState) -> dict[str, Any]:
     return {"actor": state.actor, "normalizer": state.normalizer}
 
@@ -328,10 +347,11 @@ def state_shapes(trainer: Trainer) -> TrainState:
     return jax.eval_shape(trainer._init, *trainer.init_args())
 
 
-def abstract(tree: Any) -> Any:
-    """Shapes and dtypes of ``tree``, placed on this machine's default device."""
-    sharding = jax.sharding.SingleDeviceSharding(default_device())
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+def abstract(tree: Any, shardings: Any) -> Any:
+    """Shapes and dtypes of ``tree``, placed as ``shardings`` says (the trainer's devices)."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
 
 
 def check_compatible(saved: Config, wanted: Config) -> None:

@@ -235,6 +235,11 @@ class Config:
     """wandb project name."""
     wandb_entity: str | None = host(None)
     """wandb entity (user or team); None: wandb's default."""
+    devices: int | None = host(None)
+    """Devices the run spreads over (the first this many of JAX's default platform):
+    members over devices, and with fewer members than devices each member's envs, replay
+    rows and batch (data parallel). None: every device (the ``jax_default_device`` alone
+    if one is set)."""
 
     # ---- derived -----------------------------------------------------------------------------
 
@@ -272,6 +277,8 @@ class Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.devices is not None and (isinstance(self.devices, bool) or self.devices < 1):
+            raise ValueError(f"devices must be a positive integer, got {self.devices!r}")
         for name in ("warmup_steps", "updates_per_step"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

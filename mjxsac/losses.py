@@ -271,11 +271,17 @@ def gradient_step(
     opt_state: optax.OptState,
     optimizer: optax.GradientTransformation,
     *args: Any,
+    mean_over: str | None = None,
     **kwargs: Any,
 ) -> tuple[Params, optax.OptState, Metrics]:
     """The one generic update: differentiate ``loss_fn`` in its first argument, apply the
-    optimizer, return the new parameters, optimizer state and the loss's metrics."""
+    optimizer, return the new parameters, optimizer state and the loss's metrics.
+    ``mean_over``: a mesh axis over which the batch is split in equal parts (data
+    parallel): the gradient is averaged over it first, so every device takes the same
+    step, the gradient of the whole batch's mean loss."""
     grads, metrics = jax.grad(loss_fn, has_aux=True)(params, *args, **kwargs)
+    if mean_over is not None:
+        grads = jax.lax.pmean(grads, mean_over)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, metrics
 

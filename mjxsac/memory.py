@@ -8,37 +8,43 @@ import jax
 import jax.numpy as jnp
 
 from mjxsac import buffer as replay
-from mjxsac.sac import Trainer, default_device
+from mjxsac.sac import MEMBER, Trainer, default_device
 
 
 def check_memory(trainer: Trainer, refuse: bool = True) -> str:
     """Refuse a run that cannot fit, before anything is allocated or compiled: the replay
     buffers, the networks with their target copies, optimizer states and gradients, and
-    an update's activations (an estimate: XLA's temporaries come on top). Returns the
-    estimate as a sentence."""
+    an update's activations (an estimate: XLA's temporaries come on top), on each of the
+    run's devices. Returns the estimate as a sentence."""
     config = trainer.config
     row = replay.row_bytes(trainer.obs_size, trainer.action_size, config.n_step > 1)
     members = trainer.population_size
-    buffer = members * config.buffer_size * row
+    devices = trainer.mesh.size
+    here = members // trainer.mesh.shape[MEMBER]  # members with rows on each device
+    buffer = here * trainer.local_capacity * row
     parameters, network = network_bytes(trainer)
-    network *= members
-    activations = members * activation_bytes(trainer)
+    network *= here
+    activations = here * activation_bytes(trainer)
     need = buffer + network + activations
     free, where = available_bytes()
-    sizes = f"{config.buffer_size:,} transitions x {row} bytes"
-    if members == 1:
+    sizes = f"{trainer.local_capacity:,} transitions x {row} bytes"
+    if here == 1:
         estimate = f"the replay buffer needs {buffer / 2**30:.2f} GiB ({sizes})"
     else:
-        estimate = f"the {members} members' replay buffers need {buffer / 2**30:.2f} GiB "
-        estimate += f"({members} x {sizes})"
+        estimate = f"the {here} members' replay buffers need {buffer / 2**30:.2f} GiB "
+        estimate += f"({here} x {sizes})"
     estimate += (
         f", the networks with optimizer states {network / 2**30:.2f} GiB ({parameters:,} "
-        f"parameters{' per member' if members > 1 else ''}), an update's activations about "
+        f"parameters{' per member' if here > 1 else ''}), an update's activations about "
         f"{activations / 2**30:.2f} GiB"
     )
+    if devices > 1:
+        estimate = f"on each of the {devices} devices {estimate}"
     if free is None:
         return estimate
     estimate += f"; {where} has {free / 2**30:.2f} GiB free"
+    if where == "host memory":  # CPU devices share it
+        need *= devices
     if refuse and need > 0.8 * free:
         largest = max((buffer, "buffer_size"), (network, "hidden_sizes"),
                       (activations, "batch_size"))[1]  # fmt: skip
@@ -80,7 +86,7 @@ def activation_bytes(trainer: Trainer) -> int:
     about 8 passes (twin critics and target critics, the actor twice), 11 for sac-v1."""
     c = trainer.config
     passes = 11 if trainer.v1 else 8
-    return c.batch_size * sum(c.hidden_sizes) * 4 * 2 * passes
+    return trainer.local_batch * sum(c.hidden_sizes) * 4 * 2 * passes
 
 
 def available_bytes() -> tuple[int | None, str]:

@@ -38,13 +38,20 @@ def init(size: int, enabled: bool = True) -> Normalizer:
     )
 
 
-def update(stats: Normalizer, batch: jax.Array) -> Normalizer:
-    """Merge the statistics of ``batch`` (rows are observations)."""
+def update(stats: Normalizer, batch: jax.Array, axis_name: str | None = None) -> Normalizer:
+    """Merge the statistics of ``batch`` (rows are observations). ``axis_name``: a mesh
+    axis over which the batch is split in equal parts (data parallel); the parts'
+    statistics are combined first, so every device merges the same whole batch."""
     if not stats.enabled:
         return stats
     n = jnp.asarray(batch.shape[0], jnp.float32)
     batch_mean = jnp.mean(batch, axis=0)
     batch_m2 = jnp.sum(jnp.square(batch - batch_mean), axis=0)
+    if axis_name is not None:  # Chan et al.'s merge of equal parts
+        part_mean = batch_mean
+        batch_mean = jax.lax.pmean(part_mean, axis_name)
+        batch_m2 = jax.lax.psum(batch_m2 + n * jnp.square(part_mean - batch_mean), axis_name)
+        n = jax.lax.psum(n, axis_name)
     count = stats.count + n
     delta = batch_mean - stats.mean
     mean = stats.mean + delta * n / count

@@ -18,8 +18,9 @@ levels, each short:
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -27,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import envs
 from envs import scale_action
@@ -51,6 +54,8 @@ from mjxsac.losses import (
 from mjxsac.networks import Actor, DoubleQ, Value, deterministic_action, sample_action
 
 Params = Any
+MEMBER, ENV = "member", "env"
+"""The mesh's axes: members over devices, and one member's envs over devices."""
 # CPU backends cannot reuse donated buffers; the donation still matters on GPU.
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
@@ -92,15 +97,24 @@ OPTIMIZER_STATES = ("actor_opt", "critic_opt", "value_opt", "alpha_opt")
 class Trainer:
     """The static half of a run: config, envs, networks, optimizers, compiled functions."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, devices: Sequence[jax.Device] | None = None):
         self.run_config = config.validate()
         """The whole config, for the host: members, data, checkpoints, logs."""
         self.config = c = config.program_view()
         """What the compiled programs may read: the shape fields (``ProgramConfig``)."""
+        self.members = config.member_configs()
+        devices = list(devices) if devices else [default_device()]
+        self.mesh = make_mesh(devices, len(self.members), c)
+        """Members over the ``member`` axis, each member's envs (with their replay rows and
+        evaluation episodes) over the ``env`` axis; every program runs per device
+        (``shard_map``), the same program on one device as on many."""
+        self.env_shards = shards = self.mesh.shape[ENV]
+        self.local_envs, self.local_capacity = c.num_envs // shards, c.buffer_size // shards
+        self.local_batch, self.local_eval_envs = c.batch_size // shards, c.eval_envs // shards
         self.env = envs.make(c.env, **c.env_kwargs())
-        self.train_env = envs.wrap(self.env, c.num_envs, c.episode_length, compact=True)
+        self.train_env = envs.wrap(self.env, self.local_envs, c.episode_length, compact=True)
         limited = envs.TimeLimit(self.env, c.episode_length)
-        self.eval_env = envs.VmapEnv(limited, c.eval_envs, compact=True)
+        self.eval_env = envs.VmapEnv(limited, self.local_eval_envs, compact=True)
         self.obs_size, self.action_size = self.env.observation_size, self.env.action_size
         hidden, dtype = tuple(c.hidden_sizes), c.compute_dtype
         self.actor = Actor(hidden, self.action_size, c.activation, c.log_std_min, c.log_std_max,
@@ -121,16 +135,19 @@ class Trainer:
             nets=self.nets, actor_opt=self.actor_opt, critic_opt=self.critic_opt,
             alpha_opt=self.alpha_opt, critic_loss=CRITIC_LOSSES[c.algo, c.critic],
             actor_q=c.actor_q, policy_delay=c.policy_delay,
+            data_axis=ENV if shards > 1 else None,
         )  # fmt: skip
-        self.members = config.member_configs()
 
-    # Trainers with equal program configs compile to the same programs: jit's cache (keyed
-    # on the static trainer's hash) then serves a second trainer, e.g. a resumed run's.
+    # Trainers with equal program configs and meshes compile to the same programs: jit's
+    # cache (keyed on the static trainer's hash) then serves a second trainer, e.g. a
+    # resumed run's.
     def __hash__(self) -> int:
-        return hash(self.config)
+        return hash((self.config, self.mesh))
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Trainer) and self.config == other.config
+        return (
+            isinstance(other, Trainer) and self.config == other.config and self.mesh == other.mesh
+        )
 
     @property
     def population_size(self) -> int:
@@ -154,17 +171,68 @@ class Trainer:
         """The arguments of a fresh population: each member's training key (its seed's
         training branch, see ``run_keys``) and data."""
         keys = jnp.stack([run_keys(m.seed)[0] for m in self.members])
-        return (keys, *self.data())
+        return self.by_member((keys, *self.data()))
 
     def init(self) -> TrainState:
         """A fresh TrainState: initial parameters, empty buffers, reset envs."""
-        return place(_jit_init(self, *self.init_args()))
+        return self.place(_jit_init(self, *self.init_args()))
 
     def set_data(self, state: TrainState) -> TrainState:
         """``state`` with this config's data hyperparameters and optimizer settings (a
         resumed run may change them)."""
         hparams, opt_data = self.data()
-        return place(state.replace(hparams=hparams, **_with_optimizer_data(state, opt_data)))
+        return self.place(state.replace(hparams=hparams, **_with_optimizer_data(state, opt_data)))
+
+    # ---- placement over the devices ------------------------------------------------------------
+
+    def state_specs(self) -> TrainState:
+        """How each field of the TrainState is split over the mesh (a prefix of its tree):
+        everything by member; a member's envs, episode returns and replay rows also over
+        the ``env`` axis (each device keeps its own envs' rows)."""
+        member, spread = P(MEMBER), P(MEMBER, ENV)
+        v1, v2 = (member, None) if self.v1 else (None, member)
+        done = spread if self.config.n_step > 1 else None
+        return TrainState(
+            actor=member, critic=member, target_critic=member, value=v1, target_value=v1,
+            actor_opt=member, critic_opt=member, value_opt=v1, alpha_opt=v2,
+            log_alpha=member, normalizer=member, episode_return=spread, env_state=spread,
+            buffer=replay.ReplayBuffer(data=spread, index=member, size=member, done=done),
+            key=member, env_steps=member, updates=member, hparams=member,
+        )  # fmt: skip
+
+    def shardings(self, tree: TrainState) -> Any:
+        """A ``NamedSharding`` for every array of ``tree`` (a TrainState, or its shapes)."""
+        return jax.tree.map(
+            lambda spec, part: jax.tree.map(lambda _: NamedSharding(self.mesh, spec), part),
+            self.state_specs(), tree, is_leaf=lambda x: isinstance(x, P) or x is None,
+        )  # fmt: skip
+
+    def by_member(self, tree: Any) -> Any:
+        """Arrays with a leading member axis, spread over the devices by member."""
+        return jax.device_put(tree, NamedSharding(self.mesh, P(MEMBER)))
+
+    def place(self, state: TrainState) -> TrainState:
+        """Commit every array to its devices. Fresh and restored states then look alike to
+        ``jit`` (committed, equally sharded), so a resumed state reuses the compiled chunk."""
+        return jax.device_put(state, self.shardings(state))
+
+    def per_device(self, function: Callable, in_specs: Any, out_specs: Any) -> Callable:
+        """``function`` run on every device on its own block of the arrays (``shard_map``);
+        the only communication is what it asks for over the ``env`` axis."""
+        return jax.shard_map(
+            function, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+        )
+
+    def shard_key(self, key: jax.Array) -> jax.Array:
+        """``key`` made this device's own along the ``env`` axis, for what each device draws
+        for its own envs and replay rows (one device: ``key`` itself)."""
+        if self.env_shards == 1:
+            return key
+        return jax.random.fold_in(key, jax.lax.axis_index(ENV))
+
+    def across_envs(self, reduce: Callable, tree: Any) -> Any:
+        """``reduce`` (``lax.psum`` or ``lax.pmean``) of ``tree`` over the ``env`` axis."""
+        return tree if self.env_shards == 1 else reduce(tree, ENV)
 
     def train_chunk(self, state: TrainState) -> tuple[TrainState, dict]:
         """``steps_per_chunk`` train steps, compiled once; ``state`` is donated. Metrics
@@ -178,7 +246,8 @@ class Trainer:
 
     def eval_keys(self, chunk: int) -> jax.Array:
         """Each member's evaluation key of ``chunk`` (its seed's evaluation branch)."""
-        return jnp.stack([jax.random.fold_in(run_keys(m.seed)[1], chunk) for m in self.members])
+        keys = [jax.random.fold_in(run_keys(m.seed)[1], chunk) for m in self.members]
+        return self.by_member(jnp.stack(keys))
 
     def run_evaluation(self, actor: Params, normalizer: obs_norm.Normalizer, keys: jax.Array):
         return _jit_evaluate(self, actor, normalizer, keys)
@@ -202,16 +271,20 @@ class Trainer:
     # ---- state ----------------------------------------------------------------------------
 
     def _init(self, keys: jax.Array, hparams: dict[str, jax.Array], opt_data: dict) -> TrainState:
+        local = self.per_device(self._init_local, P(MEMBER), self.state_specs())
+        return local(keys, hparams, opt_data)
+
+    def _init_local(self, keys: jax.Array, hparams: dict, opt_data: dict) -> TrainState:
         state = jax.vmap(self._init_member)(keys, hparams)
         return state.replace(**_with_optimizer_data(state, opt_data))
 
     def _init_member(self, key: jax.Array, hparams: dict[str, jax.Array]) -> TrainState:
         c = self.config
         k_actor, k_critic, k_value, k_env, key = jax.random.split(key, 5)
-        env_state = self.train_env.reset(k_env)
+        env_state = self.train_env.reset(self.shard_key(k_env))
         if c.desync_episodes:
             key, k_desync = jax.random.split(key)
-            env_state = envs.desynchronize(env_state, k_desync, c.episode_length)
+            env_state = envs.desynchronize(env_state, self.shard_key(k_desync), c.episode_length)
         obs = jnp.zeros((1, self.obs_size))
         act = jnp.zeros((1, self.action_size))
         actor = self.actor.init(k_actor, obs)
@@ -231,17 +304,18 @@ class Trainer:
             normalizer=obs_norm.init(self.obs_size, c.normalize_obs),
             buffer=self.empty_buffer(),
             env_state=env_state,
-            episode_return=jnp.zeros((c.num_envs,), jnp.float32),
+            episode_return=jnp.zeros((self.local_envs,), jnp.float32),
             key=key,
             env_steps=jnp.zeros((), jnp.int32),
             updates=jnp.zeros((), jnp.int32),
             hparams=hparams,
         )
 
-    def empty_buffer(self) -> replay.ReplayBuffer:
-        """One member's empty replay buffer (with episode ends for n-step returns)."""
-        c = self.config
-        return replay.init(c.buffer_size, self.obs_size, self.action_size, c.n_step > 1)
+    def empty_buffer(self, capacity: int | None = None) -> replay.ReplayBuffer:
+        """One member's empty replay buffer (with episode ends for n-step returns), of this
+        device's rows by default (``capacity``: all the member's rows, e.g. ``buffer_size``)."""
+        capacity = self.local_capacity if capacity is None else capacity
+        return replay.init(capacity, self.obs_size, self.action_size, self.config.n_step > 1)
 
     # ---- level 1: one SAC update -------------------------------------------------------------
 
@@ -252,7 +326,7 @@ class Trainer:
         batch: ``update_v2`` or ``update_v1``. ``number``: the updates made before this
         one; pass it unbatched (the same for every member) so that a skipped actor update
         (``policy_delay``) is a real branch, not a select computing both."""
-        k_batch, k_critic, k_actor, k_value = jax.random.split(key, 4)
+        k_batch, k_critic, k_actor, k_value = map(self.shard_key, jax.random.split(key, 4))
         batch, gamma = self.sample(state, k_batch)
         number = state.updates if number is None else number
         update = update_v1 if self.v1 else update_v2
@@ -263,10 +337,10 @@ class Trainer:
         (``gamma``, or ``gamma ** k`` for an n-step window of k rows)."""
         c, hp = self.config, state.hparams
         if c.n_step == 1:
-            batch, gamma = replay.sample(state.buffer, key, c.batch_size), hp["gamma"]
+            batch, gamma = replay.sample(state.buffer, key, self.local_batch), hp["gamma"]
         else:
             batch, k = replay.sample_n_step(
-                state.buffer, key, c.batch_size, c.n_step, c.num_envs, hp["gamma"]
+                state.buffer, key, self.local_batch, c.n_step, self.local_envs, hp["gamma"]
             )
             gamma = hp["gamma"] ** k
         normalized = batch.replace(
@@ -281,6 +355,7 @@ class Trainer:
         """One member's actions on all its envs (uniform random during the warm-up) and
         its next key."""
         key, k_policy, k_random = jax.random.split(state.key, 3)
+        k_policy, k_random = self.shard_key(k_policy), self.shard_key(k_random)
         obs = state.env_state.obs
         mean, log_std = self.actor.apply(state.actor, obs_norm.normalize(state.normalizer, obs))
         policy_action, _ = sample_action(mean, log_std, k_policy)
@@ -306,17 +381,18 @@ class Trainer:
         episode_return = state.episode_return + env_state.reward
         state = state.replace(
             buffer=replay.insert(state.buffer, rows, done if c.n_step > 1 else None),
-            normalizer=obs_norm.update(state.normalizer, obs),
+            normalizer=obs_norm.update(state.normalizer, obs, ENV if self.env_shards > 1 else None),
             env_state=env_state,
             episode_return=jnp.where(done, 0.0, episode_return),
             key=key,
             env_steps=state.env_steps + c.num_envs,
         )
-        return state, {
+        sums = {
             "episodes": jnp.sum(done),
             "episode_return_sum": jnp.sum(jnp.where(done, episode_return, 0.0)),
-            "reward": jnp.mean(env_state.reward),
         }
+        mean_reward = self.across_envs(jax.lax.pmean, jnp.mean(env_state.reward))
+        return state, {**self.across_envs(jax.lax.psum, sums), "reward": mean_reward}
 
     def train_step(self, state: TrainState, _: Any = None) -> tuple[TrainState, dict]:
         c = self.config
@@ -328,7 +404,7 @@ class Trainer:
         # Updates start once the buffer holds ``update_start`` transitions (after a resume
         # without a saved buffer they wait until it has refilled that far). Every member's
         # buffer holds the same number of rows, so the condition is one scalar: a real branch.
-        ready = state.buffer.size[0] >= c.update_start
+        ready = state.buffer.size[0] * self.env_shards >= c.update_start
         state, update_metrics = jax.lax.cond(ready, self._member_updates, self._no_updates, state)
         return state, {**metrics, **update_metrics}
 
@@ -364,7 +440,7 @@ class Trainer:
         }  # fmt: skip
         metrics["actor_updates"] = made
         metrics["updated"] = jnp.ones((), jnp.float32)
-        return state, metrics
+        return state, self.across_envs(jax.lax.pmean, metrics)
 
     def _scan_update(self, state: TrainState, xs: tuple) -> tuple[TrainState, dict]:
         return self.update(state, *xs)
@@ -376,11 +452,20 @@ class Trainer:
     # ---- level 3: a compiled chunk ---------------------------------------------------------------
 
     def _train_chunk(self, state: TrainState) -> tuple[TrainState, dict]:
+        specs = self.state_specs()
+        return self.per_device(self._local_chunk, (specs,), (specs, P(None, MEMBER)))(state)
+
+    def _local_chunk(self, state: TrainState) -> tuple[TrainState, dict]:
         return jax.lax.scan(self.train_step, state, None, length=self.config.steps_per_chunk)
 
     # ---- evaluation -------------------------------------------------------------------------
 
     def _evaluate(self, actor: Params, normalizer: obs_norm.Normalizer, keys: jax.Array):
+        spread = P(MEMBER, ENV)
+        local = self.per_device(self._evaluate_local, P(MEMBER), (spread, spread))
+        return local(actor, normalizer, keys)
+
+    def _evaluate_local(self, actor: Params, normalizer: obs_norm.Normalizer, keys: jax.Array):
         """Full episodes on ``eval_envs`` fresh envs per member with the deterministic mean
         action. Returns per-episode returns and lengths, (member, episode).
 
@@ -390,8 +475,8 @@ class Trainer:
         step's program up to three times over while vmap finds which loop values vary
         by member (the counters start as constants, then the condition varies too),
         which made tracing evaluation cost more than tracing the train chunk."""
-        state = jax.vmap(self.eval_env.reset)(keys)
-        shape = (keys.shape[0], self.config.eval_envs)
+        state = jax.vmap(self.eval_env.reset)(jax.vmap(self.shard_key)(keys))
+        shape = (keys.shape[0], self.local_eval_envs)
         carry = (state, jnp.zeros(shape), jnp.zeros(shape, jnp.int32), jnp.ones(shape, bool))
 
         def running(carry):
@@ -430,6 +515,9 @@ class Learner:
     """v2: ``critic_loss_v2`` or the C51 one; v1: ``critic_loss_v1`` or its C51 one."""
     actor_q: str = struct.field(pytree_node=False)
     policy_delay: int = struct.field(pytree_node=False)
+    data_axis: str | None = struct.field(pytree_node=False, default=None)
+    """The mesh axis a member's batch is split over (data parallel): gradients are averaged
+    over it before each optimizer step. None: one device per member."""
 
 
 CRITIC_LOSSES = {
@@ -450,6 +538,7 @@ def update_v2(learner: Learner, state: TrainState, batch: Transition, gamma: jax
         learner.critic_loss, state.critic, state.critic_opt, learner.critic_opt,
         state.target_critic, state.actor, state.log_alpha, batch, k_critic,
         nets=learner.nets, gamma=gamma, reward_scale=hp["reward_scale"],
+        mean_over=learner.data_axis,
     )  # fmt: skip
     policy, m = on_policy_turn(learner, number, policy_step, state, critic, batch.obs, k_actor)
     state = state.replace(
@@ -469,10 +558,12 @@ def update_v1(learner: Learner, state: TrainState, batch: Transition, gamma: jax
     value, value_opt, metrics = gradient_step(
         value_loss_v1, state.value, state.value_opt, learner.critic_opt,
         state.actor, state.critic, batch.obs, k_value, nets=learner.nets, alpha=1.0,
+        mean_over=learner.data_axis,
     )  # fmt: skip
     critic, critic_opt, m = gradient_step(
         learner.critic_loss, state.critic, state.critic_opt, learner.critic_opt,
         state.target_value, batch, nets=learner.nets, gamma=gamma, reward_scale=hp["reward_scale"],
+        mean_over=learner.data_axis,
     )  # fmt: skip
     metrics |= m
     policy, m = on_policy_turn(learner, number, actor_step, state, critic, batch.obs, k_actor)
@@ -496,7 +587,7 @@ def policy_step(learner: Learner, state: TrainState, critic: Params, obs: jax.Ar
     fields, metrics, log_prob = _actor_gradient_step(learner, state, critic, obs, key)
     log_alpha, alpha_opt, m = gradient_step(
         alpha_loss, state.log_alpha, state.alpha_opt, learner.alpha_opt,
-        log_prob, target_entropy=state.hparams["target_entropy"],
+        log_prob, target_entropy=state.hparams["target_entropy"], mean_over=learner.data_axis,
     )  # fmt: skip
     fields |= {"log_alpha": log_alpha, "alpha_opt": alpha_opt}
     return fields, metrics | m | _one_actor_update()
@@ -508,6 +599,7 @@ def _actor_gradient_step(learner: Learner, state: TrainState, critic: Params, ob
     actor, actor_opt, metrics = gradient_step(
         actor_loss, state.actor, state.actor_opt, learner.actor_opt,
         critic, state.log_alpha, obs, key, nets=learner.nets, actor_q=learner.actor_q,
+        mean_over=learner.data_axis,
     )  # fmt: skip
     log_prob = metrics.pop("log_prob")
     return {"actor": actor, "actor_opt": actor_opt}, metrics, log_prob
@@ -551,10 +643,67 @@ def default_device() -> jax.Device:
     return chosen or jax.devices()[0]
 
 
-def place(state: TrainState) -> TrainState:
-    """Commit every array to the default device. Fresh and restored states then look alike
-    to ``jit`` (committed arrays), so a resumed state reuses the compiled chunk."""
-    return jax.device_put(state, default_device())
+def run_devices(count: int | None) -> list[jax.Device]:
+    """The devices of a run of ``--devices count``: the first ``count`` of the default
+    platform; None: all of them, or the ``jax_default_device`` alone if one is set."""
+    if count is None and jax.config.jax_default_device is not None:
+        return [default_device()]
+    available = jax.devices()
+    if count is not None and count > len(available):
+        raise ValueError(
+            f"--devices {count}: this machine has {len(available)} "
+            f"{available[0].platform} device{'s' * (len(available) > 1)}"
+        )
+    return available if count is None else available[:count]
+
+
+def make_mesh(devices: list[jax.Device], members: int, config: Any) -> Mesh:
+    """The run's mesh, ``member`` x ``env`` devices: members spread over the devices; when
+    there are fewer members than devices, each member's envs over the rest (data
+    parallel). Sizes that do not split evenly are refused in one line, naming what fits."""
+    n = len(devices)
+    if members >= n:
+        if members % n:
+            fits = [d for d in range(1, n + 1) if members % d == 0]
+            raise ValueError(
+                f"a population of {members} members does not split over {n} devices: use "
+                f"--devices {' or '.join(map(str, fits[-3:]))}, or a population of a "
+                f"multiple of {n}"
+            )
+        return _mesh(devices, n, 1)
+    if n % members:
+        fits = [d for d in range(1, n + 1) if d % members == 0 or members % d == 0]
+        raise ValueError(
+            f"{n} devices do not split over a population of {members} members (each member "
+            f"takes the same number): use --devices {' or '.join(map(str, fits[-3:]))}"
+        )
+    shards = n // members
+    sizes = {"num_envs": config.num_envs, "batch_size": config.batch_size,
+             "buffer_size": config.buffer_size, "eval_envs": config.eval_envs}  # fmt: skip
+    uneven = [f"{k} {v:,}" for k, v in sizes.items() if v % shards]
+    if uneven:
+        raise ValueError(
+            f"data parallel over {shards} devices per member splits num_envs, batch_size, "
+            f"buffer_size and eval_envs evenly: {', '.join(uneven)} "
+            f"{'is' if len(uneven) == 1 else 'are'} not a multiple of {shards}"
+        )
+    return _mesh(devices, members, shards)
+
+
+def _mesh(devices: list[jax.Device], members: int, shards: int) -> Mesh:
+    grid = np.array(devices, dtype=object).reshape(members, shards)
+    return Mesh(grid, (MEMBER, ENV), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def describe_mesh(mesh: Mesh, members: int) -> str:
+    """The placement in words, e.g. "2 devices x 4 members each"."""
+    n, shards = math.prod(mesh.shape.values()), mesh.shape[ENV]
+    if n == 1:
+        return f"device {mesh.devices.flat[0]}"
+    if shards == 1:
+        return f"{n} devices x {members // n} member{'s' * (members > n)} each"
+    each = f"{shards} devices per member (data parallel)"
+    return f"{n} devices: " + (each if members == 1 else f"{members} members x {each}")
 
 
 def make_optimizer(config: Config, network: bool) -> optax.GradientTransformation:

@@ -46,7 +46,7 @@ from mjxsac.cli import (
 from mjxsac.config import ALGOS, RESUMABLE, Config
 from mjxsac.memory import check_memory
 from mjxsac.runlog import Progress, RunDir, WandbLog, chunk_summaries, default_run_dir
-from mjxsac.sac import Trainer, TrainState, default_device, env_steps, update_count
+from mjxsac.sac import Trainer, TrainState, describe_mesh, env_steps, run_devices, update_count
 
 
 class NonFiniteError(UserError):
@@ -102,7 +102,7 @@ def train(
     progress.message(
         f"run directory {run.path} | {members} member{'s' * (members > 1)} x {c.num_envs} "
         f"envs x {c.steps_per_chunk} steps per chunk, chunks {first_chunk + 1}..{c.num_chunks}"
-        f" | device {default_device()}"
+        f" | {describe_mesh(trainer.mesh, members)}"
     )
     try:
         for chunk in range(first_chunk, c.num_chunks):
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
                 if not config.run_dir:
                     run_dir = str(default_run_dir(config))
                     config = Config.from_dict({**config.to_dict(), "run_dir": run_dir})
-                trainer = Trainer(config)
+                trainer = Trainer(config, run_devices(config.devices))
                 memory = check_memory(trainer)
                 if dry_run:  # the resolved config, shown; nothing compiled or written
                     dry = RunDir(config.run_dir)
@@ -394,7 +394,8 @@ def main(argv: list[str] | None = None) -> None:
                         dry.check_new()
                     dry.check_free()
                     print(json.dumps(config.to_dict(), indent=1))
-                    print(f"mjxsac-train: dry run, nothing written; {memory}")
+                    place = describe_mesh(trainer.mesh, trainer.population_size)
+                    print(f"mjxsac-train: dry run, nothing written; {place}; {memory}")
                     return
                 run = RunDir(config.run_dir)
                 notice = run.claim(resume=resume is not None)
