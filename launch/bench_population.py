@@ -22,7 +22,7 @@ import numpy as np
 from launch.bench_sac import chunk_times
 from mjxsac import presets
 from mjxsac.config import Config, parse_scalar
-from mjxsac.sac import Trainer
+from mjxsac.sac import Trainer, describe_mesh
 
 CPU_MEMBER = {"num_envs": 8, "batch_size": 128, "hidden_sizes": (128, 128), "warmup_steps": 0,
               "updates_per_step": 2, "steps_per_chunk": 50, "buffer_size": 20_000}  # fmt: skip
@@ -39,15 +39,19 @@ def member_config(task: str, preset: str, sets: list[str]) -> Config:
     return dataclasses.replace(config, **values).validate()
 
 
-def measure(config: Config, size: int, chunks: int, deadline: float | None = None) -> dict:
+def measure(config: Config, size: int, chunks: int, deadline: float | None = None,
+            devices: int = 1) -> dict:  # fmt: skip
     """First chunk (compile included) and the best (and the median) of ``chunks`` later
-    chunks (fewer where the next would end after ``deadline``: see ``chunk_times``)."""
-    trainer = Trainer(population(config, size))
+    chunks (fewer where the next would end after ``deadline``: see ``chunk_times``), on
+    the first ``devices`` devices (members spread, or data parallel: ``mjxsac.sac``)."""
+    trainer = Trainer(population(config, size), jax.devices()[:devices])
     first, times = chunk_times(trainer, chunks, deadline)
     best = min(times)
     steps = config.env_steps_per_chunk
     return {
         "members": size,
+        "devices": devices,
+        "placement": describe_mesh(trainer.mesh, size),
         "first_chunk_s": first,
         "chunk_s": best,
         "median_chunk_s": float(np.median(times)),

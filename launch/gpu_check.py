@@ -21,7 +21,9 @@ at any moment keeps what was measured. The phases, in order of value:
   cache; their compile seconds (what a process that compiles them adds) are recorded
   apart;
 * ``d``: a population: 8 HalfCheetah seeds against 1, wall time per chunk
-  (``launch/bench_population.py``; goal: at most 2x);
+  (``launch/bench_population.py``; goal: at most 2x); on a machine with several devices,
+  also the 8 seeds spread over all of them and 1 seed data parallel over all of them,
+  each against the same on one device;
 * ``e``: the policy of c's best run saved small (actor and normalizer alone) into
   ``DIR/policy``, which ``mjxsac-render DIR/policy`` loads on any machine.
 
@@ -300,6 +302,12 @@ def build(plan: Plan) -> tuple[list[Item], Jobs]:
                 lambda check, m=members: run_population(check, plan, m),
             )
         )
+    devices = jax.device_count()
+    if devices > 1:  # every mode on every device (compiled here, when measured)
+        for members in (plan.members, 1):
+            name = f"{members} members on {devices} devices"
+            items.append(Item("d", name, [], lambda check, m=members: run_population(
+                check, plan, m, devices)))  # fmt: skip
     items.append(Item("e", "policy", [], lambda check: save_best_policy(check)))
     return items, jobs
 
@@ -410,12 +418,18 @@ def run_learning(check: Check, plan: Plan, config: Config) -> dict:
     }
 
 
-def run_population(check: Check, plan: Plan, members: int) -> dict:
-    """d: wall time per chunk (updates on) of ``members`` seeds, and as a ratio to 1."""
+def run_population(check: Check, plan: Plan, members: int, devices: int = 1) -> dict:
+    """d: wall time per chunk (updates on) of ``members`` seeds, and as a ratio to 1 (on
+    one device); on several ``devices``, also as a ratio to the same members on one
+    (members spread over the devices; one member: data parallel)."""
     member = population_config(plan)
-    r = bench_population.measure(member, members, plan.chunks, check.deadline)
+    r = bench_population.measure(member, members, plan.chunks, check.deadline, devices)
     one = check.result("d", "1 members")
     ratio = r["median_chunk_s"] / one["median_chunk_s"] if one and members > 1 else None
+    if devices > 1:
+        alone = check.result("d", f"{members} members")
+        ratio = None  # the goal is one device's
+        r["vs_one_device"] = alone and r["median_chunk_s"] / alone["median_chunk_s"]
     return {
         **r,
         "vs_1": ratio,

@@ -660,34 +660,35 @@ def run_devices(count: int | None) -> list[jax.Device]:
 def make_mesh(devices: list[jax.Device], members: int, config: Any) -> Mesh:
     """The run's mesh, ``member`` x ``env`` devices: members spread over the devices; when
     there are fewer members than devices, each member's envs over the rest (data
-    parallel). Sizes that do not split evenly are refused in one line, naming what fits."""
+    parallel). Sizes that do not split evenly are refused in one line, naming the device
+    counts that fit."""
     n = len(devices)
+    problem = _split_problem(n, members, config)
+    if problem:
+        fits = [k for k in range(1, n) if not _split_problem(k, members, config)]
+        raise ValueError(f"{problem}: use --devices {' or '.join(map(str, fits[-3:]))}")
+    return _mesh(devices, min(members, n), max(n // members, 1))
+
+
+def _split_problem(n: int, members: int, config: Any) -> str:
+    """Why ``members`` cannot split over ``n`` devices ("" when they can)."""
     if members >= n:
         if members % n:
-            fits = [d for d in range(1, n + 1) if members % d == 0]
-            raise ValueError(
-                f"a population of {members} members does not split over {n} devices: use "
-                f"--devices {' or '.join(map(str, fits[-3:]))}, or a population of a "
-                f"multiple of {n}"
-            )
-        return _mesh(devices, n, 1)
+            return f"a population of {members} members does not split over {n} devices"
+        return ""
     if n % members:
-        fits = [d for d in range(1, n + 1) if d % members == 0 or members % d == 0]
-        raise ValueError(
-            f"{n} devices do not split over a population of {members} members (each member "
-            f"takes the same number): use --devices {' or '.join(map(str, fits[-3:]))}"
-        )
+        return f"{n} devices do not split evenly over a population of {members} members"
     shards = n // members
     sizes = {"num_envs": config.num_envs, "batch_size": config.batch_size,
              "buffer_size": config.buffer_size, "eval_envs": config.eval_envs}  # fmt: skip
     uneven = [f"{k} {v:,}" for k, v in sizes.items() if v % shards]
     if uneven:
-        raise ValueError(
+        return (
             f"data parallel over {shards} devices per member splits num_envs, batch_size, "
             f"buffer_size and eval_envs evenly: {', '.join(uneven)} "
             f"{'is' if len(uneven) == 1 else 'are'} not a multiple of {shards}"
         )
-    return _mesh(devices, members, shards)
+    return ""
 
 
 def _mesh(devices: list[jax.Device], members: int, shards: int) -> Mesh:
@@ -702,8 +703,9 @@ def describe_mesh(mesh: Mesh, members: int) -> str:
         return f"device {mesh.devices.flat[0]}"
     if shards == 1:
         return f"{n} devices x {members // n} member{'s' * (members > n)} each"
-    each = f"{shards} devices per member (data parallel)"
-    return f"{n} devices: " + (each if members == 1 else f"{members} members x {each}")
+    if members == 1:
+        return f"{n} devices, data parallel"
+    return f"{n} devices: {members} members x {shards} devices per member (data parallel)"
 
 
 def make_optimizer(config: Config, network: bool) -> optax.GradientTransformation:

@@ -22,7 +22,9 @@ def test_smoke_report_records_measurements_and_skips_what_the_budget_cannot_hold
     out = tmp_path / "check"
     env = {k: v for k, v in os.environ.items() if k != "MJXSAC_COMPILE_CACHE"}
     path = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env |= {"JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
+    # two CPU devices: phase d plans its every-device measurements too
+    env |= {"JAX_PLATFORMS": "cpu", "PYTHONPATH": path,
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}  # fmt: skip
     argv = [sys.executable, "-m", "launch.gpu_check", "--smoke", "--out", str(out),
             "--compile-cache", str(tmp_path / "cache"), "--tasks", "InvertedPendulum",
             "--size-tasks", "--budget-s", "1000", "--phase-budget", "a=900", "b=5000",
@@ -55,6 +57,7 @@ def test_smoke_report_records_measurements_and_skips_what_the_budget_cannot_hold
         assert "it needs half of its 5000 s" in phases[key]["reason"]
         assert {e["status"] for e in phases[key]["items"].values()} == {"skipped"}
     assert not any(j.startswith(("b/", "c/", "d/")) for j in report["compile"]["jobs"])
+    assert {"2 members on 2 devices", "1 members on 2 devices"} <= set(phases["d"]["items"])
     policy = phases["e"]["items"]["policy"]
     assert policy["status"] == "skipped" and "no learning run" in policy["reason"]
 

@@ -66,6 +66,7 @@ def test_checkpoint_contents(trained):
     assert ckpt.meta() == {
         "env_steps": 6000,
         "has_buffer": True,
+        "env_devices": 1,
         "eval_return": last_eval,
         "eval_returns": [last_eval],
     }
