@@ -24,7 +24,7 @@ from flax import struct
 with contextlib.redirect_stdout(io.StringIO()):
     from mujoco import mjx
 
-from envs.physics import Physics
+from envs.physics import Physics, local_device
 
 ASSETS = Path(__file__).parent
 XML = "xml"
@@ -232,10 +232,10 @@ class Env:
             chosen, iterations=int(model.opt.iterations), ls_iterations=int(model.opt.ls_iterations)
         )
         self.mj_model = model
-        self.mjx_model = mjx.put_model(model, impl="jax")
+        self.mjx_model = mjx.put_model(model, device=local_device(), impl="jax")
         self.sim = Physics(self.mjx_model, self.physics.faithful)
         # Data straight after mj_resetData: qpos0, zero velocities, zero warmstart.
-        self._data0 = mjx.make_data(self.mjx_model)
+        self._data0 = mjx.make_data(self.mjx_model, device=local_device())
         self.init_qpos = jnp.asarray(model.qpos0)
         self.init_qvel = jnp.zeros(model.nv, self._data0.qvel.dtype)
         self.action_low = np.asarray(model.actuator_ctrlrange[:, 0], np.float32)

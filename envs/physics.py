@@ -195,13 +195,23 @@ def _lie_correct(rot: np.ndarray, qvel: jax.Array, dq: jax.Array) -> jax.Array:
     return qvel.at[rot].set(w + 0.5 * ow + c * jnp.cross(omega, ow))
 
 
+def local_device() -> jax.Device:
+    """Where an env keeps its model and template ``Data``: JAX's default device if one is
+    set, else this process's first. (MJX's own default, ``jax.devices()[0]``, belongs to
+    another process in a run over several.)"""
+    chosen = jax.config.jax_default_device
+    if isinstance(chosen, str):  # a platform name
+        return jax.local_devices(backend=chosen)[0]
+    return chosen or jax.local_devices()[0]
+
+
 # ---- contacts as C computes them -------------------------------------------------------------
 
 
 def _contact_slots(m: mjx.Model) -> dict[str, np.ndarray]:
     """Contact slots by geom-type pair. MJX fixes each slot's geom pair when it builds the
     model's collision groups, so one tiny compiled call reads them."""
-    data = mjx.make_data(m)
+    data = mjx.make_data(m, device=local_device())
     if data._impl.contact.dist.shape[0] == 0:
         geoms = np.zeros((0, 2), int)
     else:

@@ -117,6 +117,8 @@ class Checkpoints:
         member's; the checkpoint's rank among the best is their mean."""
         saved = drop_empty(state if save_buffer else state.replace(buffer=None))
         meta = {"has_buffer": save_buffer, "env_devices": env_devices(state)}
+        if jax.process_count() > 1:
+            meta["processes"] = jax.process_count()
         return self._save(env_steps(state), config, eval_returns, meta,
                           state=ocp.args.StandardSave(saved),
                           policy=ocp.args.StandardSave(policy_of(state)))  # fmt: skip
@@ -230,6 +232,12 @@ class Checkpoints:
         if meta.get("policy_only"):
             raise CheckpointError("it holds the policy alone (it renders; it cannot resume)")
         has_buffer = bool(meta["has_buffer"])
+        processes = meta.get("processes", 1)
+        if processes != jax.process_count():
+            raise IncompatibleCheckpoint(
+                f"it was written by {processes} process(es), this run has "
+                f"{jax.process_count()}: resume with --num-processes {processes}"
+            )
         shards = meta.get("env_devices", 1)
         if has_buffer and shards != trainer.env_shards:
             raise IncompatibleCheckpoint(

@@ -302,6 +302,32 @@ class RunDir:
                                 color=line.get_color(), alpha=0.2)  # fmt: skip
 
 
+class FollowerRunDir(RunDir):
+    """A run directory as a process other than process 0 of a run over several processes
+    sees it: it reads (a resume's checkpoints) and writes nothing; process 0 owns it."""
+
+    def claim(self, resume: bool) -> str | None:
+        return None
+
+    def release(self) -> None:
+        pass
+
+    def write_config(self, config: Config) -> None:
+        pass
+
+    def write_population(self, config: Config) -> None:
+        pass
+
+    def append_metrics(self, row: dict, member: int | None = None) -> None:
+        pass
+
+    def truncate_metrics(self, env_steps: int) -> None:
+        pass
+
+    def plot(self, title: str, config: Config | None = None) -> Path:
+        return self.path / "learning_curve.png"
+
+
 def _parse_lock(text: str) -> dict:
     try:
         owner = json.loads(text) if text.strip() else {}

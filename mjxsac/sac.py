@@ -180,7 +180,7 @@ class Trainer:
     def set_data(self, state: TrainState) -> TrainState:
         """``state`` with this config's data hyperparameters and optimizer settings (a
         resumed run may change them)."""
-        hparams, opt_data = self.data()
+        hparams, opt_data = self.by_member(self.data())
         return self.place(state.replace(hparams=hparams, **_with_optimizer_data(state, opt_data)))
 
     # ---- placement over the devices ------------------------------------------------------------
@@ -208,8 +208,16 @@ class Trainer:
         )  # fmt: skip
 
     def by_member(self, tree: Any) -> Any:
-        """Arrays with a leading member axis, spread over the devices by member."""
-        return jax.device_put(tree, NamedSharding(self.mesh, P(MEMBER)))
+        """Host values with a leading member axis (the same in every process), as arrays
+        spread over the devices by member (over several processes too: each process
+        fills its own devices' blocks)."""
+        sharding = NamedSharding(self.mesh, P(MEMBER))
+
+        def spread(x: Any) -> jax.Array:
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, sharding, lambda block: x[block])
+
+        return jax.tree.map(spread, tree)
 
     def place(self, state: TrainState) -> TrainState:
         """Commit every array to its devices. Fresh and restored states then look alike to
@@ -645,8 +653,9 @@ def default_device() -> jax.Device:
 
 def run_devices(count: int | None) -> list[jax.Device]:
     """The devices of a run of ``--devices count``: the first ``count`` of the default
-    platform; None: all of them, or the ``jax_default_device`` alone if one is set."""
-    if count is None and jax.config.jax_default_device is not None:
+    platform; None: all of them, or the ``jax_default_device`` alone if one is set (by
+    the user: a run over several processes sets each process's own, and spans them all)."""
+    if count is None and jax.config.jax_default_device is not None and jax.process_count() == 1:
         return [default_device()]
     available = jax.devices()
     if count is not None and count > len(available):
@@ -750,12 +759,20 @@ def _with_optimizer_data(state: TrainState, data: dict[str, jax.Array]) -> dict:
 
 def env_steps(state: TrainState) -> int:
     """Env steps taken by each member (all members step alike)."""
-    return int(np.asarray(state.env_steps).reshape(-1)[0])
+    return _first(state.env_steps)
 
 
 def update_count(state: TrainState) -> int:
     """Updates made by each member (all members make the same number)."""
-    return int(np.asarray(state.updates).reshape(-1)[0])
+    return _first(state.updates)
+
+
+def _first(counters: Any) -> int:
+    """The first of per-member counters that are all equal, from this process's devices
+    (a run over several processes holds the others' members elsewhere)."""
+    if isinstance(counters, jax.Array) and not counters.is_fully_addressable:
+        counters = counters.addressable_shards[0].data
+    return int(np.asarray(counters).reshape(-1)[0])
 
 
 def seed_key(seed: int) -> jax.Array:

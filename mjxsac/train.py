@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import signal
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mjxsac import compile_cache, policy, render
+from mjxsac import compile_cache, distributed, policy, render
 from mjxsac.ahead import compile_ahead
 from mjxsac.checkpoint import Checkpoints, check_compatible
 from mjxsac.cli import (
@@ -45,7 +46,14 @@ from mjxsac.cli import (
 )
 from mjxsac.config import ALGOS, RESUMABLE, Config
 from mjxsac.memory import check_memory
-from mjxsac.runlog import Progress, RunDir, WandbLog, chunk_summaries, default_run_dir
+from mjxsac.runlog import (
+    FollowerRunDir,
+    Progress,
+    RunDir,
+    WandbLog,
+    chunk_summaries,
+    default_run_dir,
+)
 from mjxsac.sac import Trainer, TrainState, describe_mesh, env_steps, run_devices, update_count
 
 
@@ -88,7 +96,8 @@ def train(
     stop = StopRequest() if stop is None else stop
     total = c.num_chunks * c.env_steps_per_chunk
     label = f"{c.env} {c.algo}" + (f" x{members}" if members > 1 else "")
-    progress = progress or Progress(total, label)
+    # Over several processes, process 0 alone speaks.
+    progress = progress or Progress(total, label, None if distributed.primary() else io.StringIO())
     run.path.mkdir(parents=True, exist_ok=True)
     if members > 1:
         write(run.write_population, trainer.run_config, what="writing population.json")
@@ -111,7 +120,8 @@ def train(
             if evaluate is None:  # the chunk runs; compile evaluation meanwhile
                 args = (state.actor, state.normalizer, trainer.eval_keys(0))
                 evaluate = compile_ahead(trainer.trace_evaluate, trainer.run_evaluation, *args)
-            rows = chunk_summaries(metrics)  # reading the metrics waits for the chunk
+            metrics = distributed.to_host(metrics)  # reading the metrics waits for the chunk
+            rows = chunk_summaries(metrics)
             seconds = time.monotonic() - t0
             check_finite(metrics, state, chunk, c, last_saved)
             # A failed asynchronous save (e.g. a full disk) stops the run here.
@@ -128,8 +138,8 @@ def train(
             eval_returns = None
             if (chunk + 1) % c.eval_every == 0 or last:
                 keys = trainer.eval_keys(chunk)
-                returns, lengths = (
-                    np.asarray(x) for x in evaluate(state.actor, state.normalizer, keys)
+                returns, lengths = distributed.to_host(
+                    evaluate(state.actor, state.normalizer, keys)
                 )
                 eval_returns = [float(r) for r in returns.mean(axis=1)]
                 for row, member_returns, member_lengths in zip(rows, returns, lengths, strict=True):
@@ -232,8 +242,7 @@ def check_finite(metrics: dict, state: TrainState, chunk: int, c: Config, saved)
             step, member = np.unravel_index(int(np.argmax(bad)), bad.shape)
             at = first_step + (int(step) + 1) * c.num_envs
             _raise_non_finite(name, at, saved, int(member), values.shape[1])
-    for name, bad in _non_finite_parameters(state).items():
-        bad = np.asarray(bad)
+    for name, bad in distributed.to_host(_non_finite_parameters(state)).items():
         if bad.any():
             at = first_step + c.env_steps_per_chunk
             _raise_non_finite(name, at, saved, int(np.argmax(bad)), len(bad))
@@ -372,12 +381,20 @@ def main(argv: list[str] | None = None) -> None:
         with one_line_errors(PROG, debug_requested(argv)):
             try:
                 cache_setting, argv = compile_cache.option(argv)  # first: before compiling
+                hosts, argv = distributed.option(argv)
+                processes = join(hosts)
+                primary = distributed.primary()
                 cache_dir = compile_cache.configure_for(PROG, cache_setting)
                 tally = compile_cache.Tally()
                 config, resume, dry_run = parse_args(argv)
-                if not resume and config.run_dir:  # before wandb writes into it
+                if processes > 1 and not (resume or config.run_dir):
+                    raise UserError(
+                        f"a run over {processes} processes needs --run-dir (one directory "
+                        "that every host reaches), or --resume"
+                    )
+                if not resume and config.run_dir and primary:  # before wandb writes into it
                     RunDir(config.run_dir).check_new()
-                if config.wandb:  # a sweep agent's values arrive through run.config
+                if config.wandb and primary:  # a sweep agent's values arrive through run.config
                     if dry_run:
                         scratch = tempfile.TemporaryDirectory(prefix="mjxsac-dry-run-")
                     directory = Path(scratch.name) if scratch else None
@@ -397,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
                     place = describe_mesh(trainer.mesh, trainer.population_size)
                     print(f"mjxsac-train: dry run, nothing written; {place}; {memory}")
                     return
-                run = RunDir(config.run_dir)
+                run = RunDir(config.run_dir) if primary else FollowerRunDir(config.run_dir)
                 notice = run.claim(resume=resume is not None)
                 if notice:
                     print(f"mjxsac-train: {notice}", file=sys.stderr)
@@ -407,10 +424,11 @@ def main(argv: list[str] | None = None) -> None:
                 raise UserError("interrupted before training started; nothing trained") from None
             if wandb_log:
                 wandb_log.attach(run)
-            if jax.default_backend() == "cpu":
+            if jax.default_backend() == "cpu" and primary:
                 print("mjxsac-train: no accelerator found, running on the CPU", file=sys.stderr)
             code = run_with_signals(trainer, run, state, wandb_log, debug_requested(argv))
-            print(f"mjxsac-train: {tally.summary(cache_dir)}", file=sys.stderr)
+            if primary:
+                print(f"mjxsac-train: {tally.summary(cache_dir)}", file=sys.stderr)
     except SystemExit as e:
         code = e.code if e.code is not None else 0
     finally:
@@ -429,11 +447,25 @@ def restore(run: RunDir, trainer: Trainer) -> TrainState:
     ckpt = Checkpoints(run.checkpoints, read_only=True, prog=PROG)
     state = trainer.set_data(ckpt.restore(trainer))  # this config's rates, gamma, ...
     step = env_steps(state)
+    if isinstance(run, FollowerRunDir):
+        return state  # process 0 tidies the run directory and speaks
     for moved in ckpt.set_aside(newer_than=step):
         print(f"mjxsac-train: moved the unusable checkpoint to {moved}", file=sys.stderr)
     run.truncate_metrics(step)
     print(f"mjxsac-train: resuming {run.path} at env step {step:,}")
     return state
+
+
+def join(hosts: dict[str, str]) -> int:
+    """Join the run's other processes (``mjxsac.distributed``); the process count."""
+    try:
+        return distributed.initialize(hosts)
+    except ValueError:
+        raise
+    except Exception as e:  # the coordinator unreachable, a process missing, ...
+        where = hosts.get("coordinator", "the cluster's coordinator")
+        reason = " ".join(str(e).split())[:300]
+        raise UserError(f"could not join the other processes at {where}: {reason}") from None
 
 
 class SignalHandler:

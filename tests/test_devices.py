@@ -23,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.xdist_group("devices")
@@ -249,6 +250,71 @@ def test_a_run_over_four_devices_learns_resumes_and_renders_on_one(tmp_path):
     render.main([str(run_dir), "--out", str(out), "--max-steps", "20", "--width", "64",
                  "--height", "48"])  # fmt: skip
     assert out.stat().st_size > 0
+
+
+# ---- several processes (hosts), here two on localhost with gloo collectives --------------
+
+HOSTS = ["--env", "InvertedPendulum", "--preset", "cpu", "--hidden-sizes", "32", "32",
+         "--warmup-steps", "500", "--eval-envs", "2", "--checkpoint-every", "1",
+         "--save-buffer"]  # fmt: skip
+
+
+def two_processes(run_dir: Path, *extra: str) -> list[subprocess.CompletedProcess]:
+    """The command as two processes of one run (one CPU device each), joined through a
+    coordinator on a free local port; both must succeed."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    program = "import sys; from mjxsac import train; train.main(sys.argv[1:])"
+    coordinator = ["--coordinator", f"localhost:{port}", "--num-processes", "2"]
+    procs = []
+    for i in range(2):
+        argv = [sys.executable, "-c", program, *extra, "--run-dir", str(run_dir), *coordinator,
+                "--process-id", str(i)]  # fmt: skip
+        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, cwd=ROOT))  # fmt: skip
+    done = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    for d in done:
+        assert d.returncode == 0, d.stderr[-3000:]
+    return done
+
+
+def said(process: subprocess.CompletedProcess) -> list[str]:
+    """The lines a process printed, less gloo's report of its connections."""
+    return [line for line in process.stdout.splitlines() if not line.startswith("[Gloo]")]
+
+
+def test_two_processes_train_as_one_run_write_once_and_resume(tmp_path):
+    """One member data parallel over the two processes' devices (its gradients averaged
+    across processes every update): process 0 alone writes metrics and prints; both write
+    their shards of each checkpoint; the pair resumes; one process alone is refused."""
+    from mjxsac.checkpoint import Checkpoints, IncompatibleCheckpoint
+    from mjxsac.runlog import RunDir
+    from mjxsac.sac import Trainer
+
+    run_dir = tmp_path / "hosts"
+    first = two_processes(run_dir, *HOSTS, "--total-steps", "2000")
+    assert "2 devices, data parallel" in first[0].stdout
+    assert said(first[1]) == [], "process 1 prints nothing (gloo's own line aside)"
+    resumed = two_processes(run_dir, "--resume", str(run_dir), "--total-steps", "4000")
+    assert "resuming" in resumed[0].stdout and said(resumed[1]) == []
+    rows = RunDir(run_dir).read_metrics()
+    assert [r["env_steps"] for r in rows] == [2000, 4000], "one writer, no duplicates"
+    assert rows[-1]["updates"] > 0 and np.isfinite(rows[-1]["eval/return_mean"])
+    ckpt = Checkpoints(run_dir / "checkpoints", read_only=True)
+    assert ckpt.steps() == [2000, 4000] and ckpt.meta()["processes"] == 2
+    with pytest.raises(IncompatibleCheckpoint, match="resume with --num-processes 2"):
+        ckpt.restore(Trainer(ckpt.config()))
 
 
 if __name__ == "__main__":
