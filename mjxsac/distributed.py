@@ -92,3 +92,12 @@ def to_host(tree: Any) -> Any:
     if jax.process_count() > 1:
         return multihost_utils.process_allgather(tree, tiled=True)
     return jax.tree.map(np.asarray, tree)
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` holds in any process: a decision every process must take at the
+    same chunk (a signal that reached some of them first), or one waits forever in the
+    next chunk's collectives."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))

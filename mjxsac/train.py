@@ -158,7 +158,8 @@ def train(
             if eval_returns is not None:
                 title = f"{c.env} {c.algo}" + (f" seed {c.seed}" if members == 1 else "")
                 write(run.plot, title, trainer.run_config, what="writing the plot")
-            stopping = bool(stop)  # read once: a later signal waits for the next chunk
+            # Read once (a later signal waits for the next chunk), and by every process alike.
+            stopping = distributed.any_process(bool(stop))
             if (chunk + 1) % c.checkpoint_every == 0 or last or stopping:
                 last_saved = write(
                     ckpt.save, state, c, c.save_buffer, eval_returns, what="saving a checkpoint"
@@ -174,7 +175,7 @@ def train(
             )
             if stopping:
                 ckpt.wait()
-                raise Stopped(stop.signums[0])
+                raise Stopped(stop.signums[0] if stop else signal.SIGTERM)  # another process's
     except BaseException:
         # Let pending asynchronous saves complete (a good checkpoint stays good), without
         # letting a failing save hide the first error.

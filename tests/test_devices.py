@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.xdist_group("devices")
 
 ROOT = Path(__file__).parent.parent
 SOLVED = 900.0
-LEARN_STEPS = 16_000
+LEARN_STEPS = 14_000
 SMALL = {"env": "InvertedPendulum", "num_envs": 4, "eval_envs": 2, "batch_size": 32,
          "buffer_size": 1_000, "hidden_sizes": (32, 32), "steps_per_chunk": 26,
          "warmup_steps": 100, "updates_per_step": 1}  # fmt: skip
@@ -91,6 +92,10 @@ def check_members_and_data_parallel() -> dict:
     out["shards"] = [list(s.data.shape) for s in kernel.addressable_shards]
     compiled = two.trace_train_chunk(b).lower().compile().as_text()
     out["member_collectives"] = [op for op in ("all-reduce", "all-gather") if op in compiled]
+    data_parallel = Trainer(Config(**SMALL).validate(), jax.devices()[:2])
+    state = data_parallel.init()
+    compiled = data_parallel.trace_train_chunk(state).lower().compile().as_text()
+    out["data_parallel_collectives"] = [op for op in ("all-reduce", "all-gather") if op in compiled]
     (a, _), (b, _) = one.train_chunk(a), two.train_chunk(b)
     out["updates"] = [int(np.asarray(a.updates)[0]), int(np.asarray(b.updates)[0])]
     out["params_rel_diff"] = max_diff((a.actor, a.critic), (b.actor, b.critic), relative=True)
@@ -126,6 +131,13 @@ def check_members_and_data_parallel() -> dict:
     out["normalizer_diff"] = max_diff(alone, merged)
 
     from launch import bench_population  # the GPU check's step on every device
+    from mjxsac import train
+
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        train.main(["--seeds", "0-1", "--devices", "4", "--dry-run", "--compile-cache", "off",
+                    "--run-dir", str(Path(tempfile.mkdtemp()) / "run")])  # fmt: skip
+    out["dry_run"] = said.getvalue().splitlines()[-1]
 
     bench = bench_population.measure(Config(**SMALL).validate(), 1, 1, devices=2)
     out["bench"] = {"placement": bench["placement"], "chunk_s": bench["chunk_s"]}
@@ -201,9 +213,18 @@ def test_members_spread_over_devices_compute_each_member_as_on_one(four_devices)
 
 def test_data_parallel_update_is_the_whole_batch_update(four_devices):
     r = four_devices
+    # Each device keeps its own replay rows: the chunk averages gradients (all-reduce)
+    # and never gathers (the buffer, or anything else).
+    assert r["data_parallel_collectives"] == ["all-reduce"], r
     assert r["moved"] > 1e-4, "the update moved the critic"
     assert r["gradient_diff"] < 1e-6, r  # the parameters after one Adam step, both ways
     assert r["normalizer_diff"] < 1e-4, r  # sums of squares of 64 rows, float32
+
+
+def test_dry_run_shows_the_placement_and_each_devices_memory(four_devices):
+    line = four_devices["dry_run"]
+    assert "4 devices: 2 members x 2 devices per member (data parallel)" in line, line
+    assert "on each of the 4 devices the replay buffer needs" in line, line
 
 
 def test_the_gpu_checks_population_step_runs_data_parallel(four_devices):
@@ -220,10 +241,12 @@ def test_sizes_that_do_not_split_are_refused_in_one_line(four_devices):
     assert all("\n" not in (text or "") for text in refusals.values())
 
 
+@pytest.mark.xdist_group("devices-run")  # its own child: free to run on another worker
 def test_a_run_over_four_devices_learns_resumes_and_renders_on_one(tmp_path):
     """2 members x 2 devices each (members and data parallel at once), the `cpu` preset as
     users get it. Measured over 16 seeds in this layout (docs/BENCHMARKS.md, "Learning
-    tests"): 15 had passed 900 by 14,000 env steps, so both of two seeds miss with
+    tests"): 15 had passed 900 by 14,000 env steps (and by 16,000), so both of two seeds
+    miss with
     probability about (1/16)^2 = 0.4%. The checkpoint, written on 4 devices, gives its
     policy to this 1-device process (render); its full state, whose replay rows are split
     over 2 devices per member, is refused here with the command that resumes it."""
@@ -294,6 +317,7 @@ def said(process: subprocess.CompletedProcess) -> list[str]:
     return [line for line in process.stdout.splitlines() if not line.startswith("[Gloo]")]
 
 
+@pytest.mark.xdist_group("devices-hosts")
 def test_two_processes_train_as_one_run_write_once_and_resume(tmp_path):
     """One member data parallel over the two processes' devices (its gradients averaged
     across processes every update): process 0 alone writes metrics and prints; both write
@@ -302,11 +326,12 @@ def test_two_processes_train_as_one_run_write_once_and_resume(tmp_path):
     from mjxsac.runlog import RunDir
     from mjxsac.sac import Trainer
 
-    run_dir = tmp_path / "hosts"
-    first = two_processes(run_dir, *HOSTS, "--total-steps", "2000")
+    run_dir, cache = tmp_path / "hosts", ["--compile-cache", str(tmp_path / "cache")]
+    first = two_processes(run_dir, *HOSTS, *cache, "--total-steps", "2000")
     assert "2 devices, data parallel" in first[0].stdout
     assert said(first[1]) == [], "process 1 prints nothing (gloo's own line aside)"
-    resumed = two_processes(run_dir, "--resume", str(run_dir), "--total-steps", "4000")
+    # (the resumed pair loads its programs from the first pair's compilation cache)
+    resumed = two_processes(run_dir, "--resume", str(run_dir), *cache, "--total-steps", "4000")
     assert "resuming" in resumed[0].stdout and said(resumed[1]) == []
     rows = RunDir(run_dir).read_metrics()
     assert [r["env_steps"] for r in rows] == [2000, 4000], "one writer, no duplicates"

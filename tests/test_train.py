@@ -90,16 +90,16 @@ def test_a_run_from_the_command_line_writes_its_directory(tmp_path, capsys):
 @pytest.mark.xdist_group("sac-v1")
 def test_sac_v1_learns_inverted_pendulum(tmp_path):
     """SAC v1 with the `cpu` preset as users get it (8 updates per step, 2,000 warm-up
-    steps). Measured over 16 seeds (docs/BENCHMARKS.md, "Learning tests"): 13 had passed
-    900 by 12,000 env steps, so all three of three seeds miss with probability about
-    (3/16)^3 = 0.7%; a learner with a broken critic target or temperature update solves
-    with none."""
+    steps). Measured over 16 seeds (docs/BENCHMARKS.md, "SAC v1 on InvertedPendulum"): 13
+    had passed 900 by 10,000 env steps (and by 12,000), so all three of three seeds miss
+    with probability about (3/16)^3 = 0.7%; a learner with a broken critic target or
+    temperature update solves with none."""
     run_dir = tmp_path / "v1"
     args = ["--env", "InvertedPendulum", "--algo", "sac-v1", "--preset", "cpu",
-            "--seeds", "0-2", "--total-steps", "12000", "--eval-every", "1"]  # fmt: skip
+            "--seeds", "0-2", "--total-steps", "10000", "--eval-every", "1"]  # fmt: skip
     train_cli.main([*args, "--run-dir", str(run_dir)])
     curves = [[r["eval/return_mean"] for r in RunDir(run_dir).read_metrics(k)] for k in range(3)]
-    assert all(len(c) == 6 for c in curves)
+    assert all(len(c) == 5 for c in curves)
     assert max(max(c) for c in curves) >= SOLVED, curves
 
 
