@@ -14,6 +14,11 @@ levels, each short:
   hold ``learning_starts`` transitions (by default the warm-up's);
 * ``train_chunk = jit(scan(train_step))``: ``steps_per_chunk`` train steps without
   leaving the device. The host sees the ``TrainState`` only between chunks.
+
+Over several devices (``make_mesh``: members spread, or a member's envs split, data
+parallel) each level runs per device on its own block (``shard_map``): the same code, with
+the local sizes (``local_envs``, ``local_batch``, ...) and, over a member's devices only,
+the gradients, normalizer statistics and metrics averaged (docs/DESIGN.md, "Scale-out").
 """
 
 from __future__ import annotations
