@@ -194,7 +194,7 @@ class Trainer:
         """How each field of the TrainState is split over the mesh (a prefix of its tree):
         everything by member; a member's envs, episode returns and replay rows also over
         the ``env`` axis (each device keeps its own envs' rows)."""
-        member, spread = P(MEMBER), P(MEMBER, ENV)
+        member, spread = self.spec(MEMBER), self.spec(MEMBER, ENV)
         v1, v2 = (member, None) if self.v1 else (None, member)
         done = spread if self.config.n_step > 1 else None
         return TrainState(
@@ -205,10 +205,24 @@ class Trainer:
             key=member, env_steps=member, updates=member, hparams=member,
         )  # fmt: skip
 
+    def spec(self, *axes: str | None) -> P:
+        """``PartitionSpec(*axes)`` as jit writes it back: without the mesh axes of size 1
+        (and trailing Nones). Placed states then carry the very shardings a chunk
+        returns, so the second chunk finds the first one's program."""
+        names = [a if a is not None and self.mesh.shape[a] > 1 else None for a in axes]
+        while names and names[-1] is None:
+            names.pop()
+        return P(*names)
+
     def shardings(self, tree: TrainState) -> Any:
-        """A ``NamedSharding`` for every array of ``tree`` (a TrainState, or its shapes)."""
+        """A ``NamedSharding`` for every array of ``tree`` (a TrainState, or its shapes);
+        an empty array replicated, as jit returns it."""
+
+        def of(spec: P, x: Any) -> NamedSharding:
+            return NamedSharding(self.mesh, spec if math.prod(x.shape) else P())
+
         return jax.tree.map(
-            lambda spec, part: jax.tree.map(lambda _: NamedSharding(self.mesh, spec), part),
+            lambda spec, part: jax.tree.map(lambda x: of(spec, x), part),
             self.state_specs(), tree, is_leaf=lambda x: isinstance(x, P) or x is None,
         )  # fmt: skip
 
@@ -216,7 +230,7 @@ class Trainer:
         """Host values with a leading member axis (the same in every process), as arrays
         spread over the devices by member (over several processes too: each process
         fills its own devices' blocks)."""
-        sharding = NamedSharding(self.mesh, P(MEMBER))
+        sharding = NamedSharding(self.mesh, self.spec(MEMBER))
 
         def spread(x: Any) -> jax.Array:
             x = np.asarray(x)
@@ -284,7 +298,7 @@ class Trainer:
     # ---- state ----------------------------------------------------------------------------
 
     def _init(self, keys: jax.Array, hparams: dict[str, jax.Array], opt_data: dict) -> TrainState:
-        local = self.per_device(self._init_local, P(MEMBER), self.state_specs())
+        local = self.per_device(self._init_local, self.spec(MEMBER), self.state_specs())
         return local(keys, hparams, opt_data)
 
     def _init_local(self, keys: jax.Array, hparams: dict, opt_data: dict) -> TrainState:
@@ -466,7 +480,8 @@ class Trainer:
 
     def _train_chunk(self, state: TrainState) -> tuple[TrainState, dict]:
         specs = self.state_specs()
-        return self.per_device(self._local_chunk, (specs,), (specs, P(None, MEMBER)))(state)
+        metrics = self.spec(None, MEMBER)  # (train step, member)
+        return self.per_device(self._local_chunk, (specs,), (specs, metrics))(state)
 
     def _local_chunk(self, state: TrainState) -> tuple[TrainState, dict]:
         return jax.lax.scan(self.train_step, state, None, length=self.config.steps_per_chunk)
@@ -474,8 +489,8 @@ class Trainer:
     # ---- evaluation -------------------------------------------------------------------------
 
     def _evaluate(self, actor: Params, normalizer: obs_norm.Normalizer, keys: jax.Array):
-        spread = P(MEMBER, ENV)
-        local = self.per_device(self._evaluate_local, P(MEMBER), (spread, spread))
+        spread = self.spec(MEMBER, ENV)
+        local = self.per_device(self._evaluate_local, self.spec(MEMBER), (spread, spread))
         return local(actor, normalizer, keys)
 
     def _evaluate_local(self, actor: Params, normalizer: obs_norm.Normalizer, keys: jax.Array):

@@ -99,6 +99,12 @@ def check_members_and_data_parallel() -> dict:
     (a, _), (b, _) = one.train_chunk(a), two.train_chunk(b)
     out["updates"] = [int(np.asarray(a.updates)[0]), int(np.asarray(b.updates)[0])]
     out["params_rel_diff"] = max_diff((a.actor, a.critic), (b.actor, b.critic), relative=True)
+    compiles: list[str] = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _, **kw: compiles.append(event) if "backend_compile" in event else None
+    )
+    jax.block_until_ready(two.train_chunk(b))  # the state it returned, placed as it was
+    out["second_chunk_compiles"] = len(compiles)
 
     # Data parallel: one update's averaged gradient against the whole batch's.
     v1 = Trainer(Config(**SMALL, algo="sac-v1").validate())
@@ -207,6 +213,7 @@ def test_members_spread_over_devices_compute_each_member_as_on_one(four_devices)
     assert r["shards"] == [[2, 4, 32], [2, 4, 32]], "2 members' parameters on each device"
     assert r["member_collectives"] == [], "members spread over devices never communicate"
     assert r["updates"] == [2, 2]
+    assert r["second_chunk_compiles"] == 0, "a chunk returns the shardings it was given"
     # Measured 0 to 1e-6; members crossed, or a member's batch from another, differ by ~1.
     assert r["params_rel_diff"] < 1e-4, r
 
