@@ -727,7 +727,7 @@ def _mesh(devices: list[jax.Device], members: int, shards: int) -> Mesh:
 
 def describe_mesh(mesh: Mesh, members: int) -> str:
     """The placement in words, e.g. "2 devices x 4 members each"."""
-    n, shards = math.prod(mesh.shape.values()), mesh.shape[ENV]
+    n, shards = mesh.size, mesh.shape[ENV]
     if n == 1:
         return f"device {mesh.devices.flat[0]}"
     if shards == 1:
