@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import io
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from flax import struct
 # mujoco.mjx prints a line when its optional Warp backend is missing; we use the JAX one.
 with contextlib.redirect_stdout(io.StringIO()):
     from mujoco import mjx
+    from mujoco.mjx import warp as mjx_warp
 
 from envs.physics import Physics, local_device
 
@@ -33,6 +35,12 @@ STEP_INPUTS = ("time", "qpos", "qvel", "act", "qacc_warmstart", "ctrl")
 """The ``mjx.Data`` fields a physics step reads from the step before it: ``mjx.step``
 recomputes every other field from these (the applied forces, mocap and equality fields
 are inputs too, but nothing here sets them: they stay at ``make_data``'s values)."""
+IMPLS = ("jax", "warp")
+"""The physics backends: MJX's JAX pipeline, or MuJoCo Warp through MJX (``impl="warp"``)."""
+WARP_INSTALL = "pip install -e '.[warp]'"
+OVERFLOW = "physics_overflow"
+"""Under Warp, the metric that is 1 on a step where the contact or constraint budget
+overflowed (Warp then drops contacts, with only a printed warning); the trainer sums it."""
 
 
 @struct.dataclass
@@ -104,8 +112,16 @@ class PhysicsOptions:
     tolerance: float | None = None
     """The constraint solver's convergence tolerance (MuJoCo's ``opt.tolerance``, 1e-8 in
     the XMLs); 0 disables early termination."""
+    impl: str = "jax"
+    """The physics backend: 'jax' (MJX's JAX pipeline) or 'warp' (MuJoCo Warp, the
+    ``.[warp]`` extra). Under Warp the C-faithful corrections (``faithful``) cannot run:
+    the step is Warp's own (docs/ENVIRONMENTS.md measures what that costs)."""
 
     def __post_init__(self):
+        if self.impl not in IMPLS:
+            raise ValueError(f"unknown impl {self.impl!r}; valid: {', '.join(IMPLS)}")
+        if self.impl == "warp" and not mjx_warp.WARP_INSTALLED:
+            raise ValueError(f"impl=warp needs MuJoCo Warp, which is not installed: {WARP_INSTALL}")
         for kind, name in ((Solver, "solver"), (Integrator, "integrator"), (Cone, "cone")):
             if getattr(self, name) is not None:
                 _enum_value(kind, getattr(self, name), name)
@@ -149,8 +165,9 @@ class PhysicsOptions:
         return dataclasses.replace(self, **chosen)
 
 
-def add_physics_arguments(parser) -> None:
-    """``--solver``, ``--iterations``, ... for the command-line tools (argparse)."""
+def add_physics_arguments(parser, several: tuple[str, ...] = ()) -> None:
+    """``--solver``, ``--iterations``, ... for the command-line tools (argparse); the
+    options named in ``several`` take one value or more (a benchmark's variants)."""
 
     def boolean(text: str) -> bool:
         if text.lower() not in ("true", "false", "1", "0"):
@@ -166,6 +183,7 @@ def add_physics_arguments(parser) -> None:
             f"--{field.name.replace('_', '-')}",
             dest=field.name,
             type=kinds.get(field.name, str),
+            nargs="+" if field.name in several else None,
             help=f"speed/fidelity option (PhysicsOptions.{field.name}); default: the "
             + ("task's" if "iterations" in field.name else "XML's"),
         )
@@ -227,22 +245,63 @@ class Env:
         chosen = (physics or PhysicsOptions()).with_task_defaults(self.solver_defaults)
         model = mujoco.MjModel.from_xml_path(str(ASSETS / self.xml))
         chosen.apply(model)
-        # What the model runs, with 'xml' resolved to the XML's numbers.
+        # What the model runs, with 'xml' resolved to the XML's numbers (and no
+        # corrections under Warp, where they cannot run).
         self.physics = dataclasses.replace(
-            chosen, iterations=int(model.opt.iterations), ls_iterations=int(model.opt.ls_iterations)
+            chosen,
+            iterations=int(model.opt.iterations),
+            ls_iterations=int(model.opt.ls_iterations),
+            faithful=chosen.faithful and chosen.impl == "jax",
         )
         self.mj_model = model
-        self.mjx_model = mjx.put_model(model, device=local_device(), impl="jax")
-        self.sim = Physics(self.mjx_model, self.physics.faithful)
-        # Data straight after mj_resetData: qpos0, zero velocities, zero warmstart.
-        self._data0 = mjx.make_data(self.mjx_model, device=local_device())
-        self.init_qpos = jnp.asarray(model.qpos0)
+        self.impl = chosen.impl
+        if self.impl == "warp":
+            _quiet_warp()
+        self.mjx_model = mjx.put_model(model, device=local_device(), impl=self.impl)
+        step_model = self.mjx_model
+        if self.impl == "warp":
+            # Warp's step leaves cfrc_ext at zero unless asked; the JAX impl runs
+            # rne_postconstraint after the step instead (``step``).
+            # Only budget overflows warn (and count, ``OVERFLOW``); reaching the solver's
+            # iteration caps is what the caps are for, as under the JAX impl.
+            step_model = step_model.tree_replace(
+                {
+                    "opt._impl.run_rne_postconstraint": self.uses_cfrc_ext,
+                    "opt._impl.warn_overflow": _warp_budget_bits(),
+                }
+            )
+            self._warp_budget = _warp_budget(model)
+        self.sim = Physics(step_model, self.physics.faithful)
+        self.worlds = 0
+        self.reserve(1)  # Data straight after mj_resetData: qpos0, zero velocities, warmstart
+        self.init_qpos = jnp.asarray(model.qpos0, self._data0.qpos.dtype)
         self.init_qvel = jnp.zeros(model.nv, self._data0.qvel.dtype)
         self.action_low = np.asarray(model.actuator_ctrlrange[:, 0], np.float32)
         self.action_high = np.asarray(model.actuator_ctrlrange[:, 1], np.float32)
         shapes = jax.eval_shape(self.reset, jax.random.key(0))
         self.observation_size = int(shapes.obs.shape[-1])
-        self.metric_names = tuple(shapes.metrics)
+        self.metric_names = tuple(k for k in shapes.metrics if k != OVERFLOW)
+        """Gymnasium's ``info`` terms (not Warp's overflow flag)."""
+
+    def reserve(self, worlds: int) -> None:
+        """Size the physics for ``worlds`` envs stepped as one batch (every vmapped call of
+        the run, training and evaluation, members included). Only Warp needs it: its
+        contact budget (``naconmax``) is shared by all the worlds of a call. It grows only;
+        call it before tracing the functions that step that many envs."""
+        if worlds <= self.worlds:
+            return
+        self.worlds = int(worlds)
+        if self.impl == "jax":
+            self._data0 = mjx.make_data(self.mjx_model, device=local_device())
+            return
+        contacts, rows = self._warp_budget
+        self._data0 = mjx.make_data(
+            self.mj_model,
+            device=local_device(),
+            impl="warp",
+            naconmax=max(1, contacts * self.worlds),
+            njmax=max(1, rows),
+        )
 
     @property
     def name(self) -> str:
@@ -281,10 +340,13 @@ class Env:
         before = state.data
         data = before.replace(ctrl=jnp.asarray(action, before.ctrl.dtype))
         data = jax.lax.fori_loop(0, self.frame_skip, lambda _, d: self.sim.step(d), data)
-        if self.uses_cfrc_ext:
+        if self.uses_cfrc_ext and self.impl == "jax":
             data = mjx.rne_postconstraint(self.mjx_model, data)
         obs = self._observe(data)
         reward, terminated, metrics = self._reward(before, data, data.ctrl)
+        if self.impl == "warp":
+            overflow = (data._impl.overflow & _warp_budget_bits()) != 0
+            metrics = {**metrics, OVERFLOW: overflow.astype(reward.dtype)}
         return state.replace(
             data=data,
             obs=obs,
@@ -356,6 +418,8 @@ class Env:
         obs = self._observe(data)
         _, terminated, metrics = self._reward(data, data, data.ctrl)
         zero = jnp.zeros((), obs.dtype)
+        if self.impl == "warp":
+            metrics = {**metrics, OVERFLOW: zero}
         return State(
             data=data,
             obs=obs,
@@ -384,6 +448,28 @@ def healthy_between(x: jax.Array, low: float, high: float, inclusive: bool = Fal
 
 def control_cost(weight: float, action: jax.Array) -> jax.Array:
     return weight * jnp.sum(jnp.square(action))
+
+
+@functools.cache
+def _warp_budget_bits() -> int:
+    """Warp's overflow flags for budgets (contacts, constraint rows), not solver caps."""
+    from mujoco.mjx.third_party.mujoco_warp._src.types import OverflowType as Flag
+
+    return int(Flag.ALL & ~(Flag.ITERATIONS | Flag.LS_ITERATIONS))
+
+
+def _quiet_warp() -> None:
+    """Warp prints a line per kernel module it loads; keep the console for the run."""
+    import warp
+
+    warp.config.log_level = max(warp.config.log_level, warp.LOG_WARNING)
+
+
+def _warp_budget(model: mujoco.MjModel) -> tuple[int, int]:
+    """Contacts and constraint rows one world can need: the JAX impl's slot counts, which
+    hold every contact the model's geom pairs can make (and their rows, all active)."""
+    data = mjx.make_data(mjx.put_model(model, impl="jax"), device=local_device())
+    return int(data._impl.contact.dist.shape[0]), int(data._impl.efc_J.shape[0])
 
 
 def impl_field(data: mjx.Data, name: str) -> Any:

@@ -41,6 +41,8 @@ class Humanoid(Env):
     def _reset_physics(self, data: mjx.Data) -> mjx.Data:
         # The reset observation reads cinert and cvel, the first reward xipos. At a reset
         # ctrl is zero, so qfrc_actuator is zero, and cfrc_ext is zero as in Gymnasium.
+        if self.impl == "warp":  # Warp has no com_vel alone: its forward pass (no cfrc_ext)
+            return mjx.forward(self.mjx_model, data)
         data = mjx.kinematics(self.mjx_model, data)
         data = mjx.com_pos(self.mjx_model, data)
         return mjx.com_vel(self.mjx_model, data)

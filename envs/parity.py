@@ -113,6 +113,7 @@ def compiled_one_step(env: Env) -> Callable:
 
     def one(qpos, qvel, warmstart, action):
         state = env.reset_to(qpos, qvel)
+        warmstart = warmstart.astype(state.data.qacc_warmstart.dtype)  # (Warp: float32)
         state = state.replace(data=state.data.replace(qacc_warmstart=warmstart))
         state = env.step(state, action)
         return state.obs, state.reward, state.terminated, state.metrics
@@ -128,9 +129,10 @@ def one_step_outputs(
     time (the last batch padded, as is a record shorter than a batch, to a power of two):
     one compiled program per env for a whole record. A vmapped solve freezes each env when
     its own solve converges, as one env alone would."""
-    step = compiled_one_step(env)
     n = len(record)
     size = min(batch_size, 1 << (n - 1).bit_length())  # a power of two: few programs
+    env.reserve(size)  # (Warp's contact budget: every world of the batch)
+    step = compiled_one_step(env)
     fields = ("qpos", "qvel", "warmstart", "action")
     inputs = [np.stack([getattr(r, f) for r in record]) for f in fields]
     names = ("obs", "reward", "terminated", *env.metric_names)

@@ -53,8 +53,9 @@ class Physics:
     def __init__(self, model: mjx.Model, faithful: bool = True):
         self.model = model
         self.faithful = faithful
-        self.rotation_dofs = _rotation_dofs(model)
-        self.contact_slots = _contact_slots(model)
+        if faithful:  # (the JAX impl alone; MuJoCo Warp runs its own step)
+            self.rotation_dofs = _rotation_dofs(model)
+            self.contact_slots = _contact_slots(model)
 
     def step(self, d: mjx.Data) -> mjx.Data:
         """One physics step. Keeps every ``Data`` leaf's dtype (under x64 MJX returns some

@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from envs.base import Env, State
+from envs.base import Env, State, mjx
 
 
 class Wrapper:
@@ -62,8 +62,12 @@ class AutoReset(Wrapper):
         def pick(new: jax.Array, old: jax.Array) -> jax.Array:
             return jnp.where(done.reshape(done.shape + (1,) * (old.ndim - done.ndim)), new, old)
 
+        if isinstance(state.data, mjx.Data):  # a Warp Data's fields shared by all worlds
+            data = state.data.where(done, fresh.data)  # (its contacts) are not picked
+        else:
+            data = jax.tree.map(pick, fresh.data, state.data)
         return state.replace(
-            data=jax.tree.map(pick, fresh.data, state.data),
+            data=data,
             obs=pick(fresh.obs, state.obs),
             steps=pick(fresh.steps, state.steps),
             key=key,
@@ -85,6 +89,8 @@ class VmapEnv(Wrapper):
             raise ValueError(f"num_envs must be positive, got {num_envs}")
         self.num_envs = int(num_envs)
         self.compact = compact
+        if isinstance(self.unwrapped, Env):
+            self.unwrapped.reserve(self.num_envs)  # (Warp's contact budget)
 
     def reset(self, key: jax.Array) -> State:
         return self._compacted(jax.vmap(self.env.reset)(jax.random.split(key, self.num_envs)))

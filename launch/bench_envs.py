@@ -6,15 +6,19 @@ same run. Prints a Markdown table and writes JSON.
     python -m launch.bench_envs --tasks Hopper Ant --num-envs 4096 --brax
     python -m launch.bench_envs --tasks Ant --iterations 4 --ls-iterations 8  # speed options
     python -m launch.bench_envs --tasks Hopper Ant --xml     # defaults vs the XML's solver caps
+    python -m launch.bench_envs --tasks Hopper Ant --num-envs 64 --impl jax warp  # backends
 
 Two columns per task: ``raw`` steps the vmapped env alone, ``wrapped`` adds what training
 pays for (time limit and auto-reset with fresh reset noise). ``--xml`` adds ``raw`` with the
 XML's solver caps (``iterations=xml,ls_iterations=xml``) and the ratio of the two.
+``--impl jax warp`` measures each task under both physics backends, in the same run, and
+prints the ratio of their raw steps/s (MuJoCo Warp needs ``pip install -e ".[warp]"``).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -125,8 +129,9 @@ def table(results: list[dict]) -> str:
     for r in results:
         brax, xml = r.get("brax") or {}, (r.get("xml") or {}).get("raw")
         ratio = f"{r['ours']['raw']['steps_per_s'] / xml['steps_per_s']:.2f}x" if xml else ""
+        task = r["task"] + (f" ({r['options']['impl']})" if "impl" in r["options"] else "")
         lines.append(
-            f"| {r['task']} | {r['num_envs']:,} | {cell(r['ours']['raw'])} | "
+            f"| {task} | {r['num_envs']:,} | {cell(r['ours']['raw'])} | "
             f"{cell(r['ours']['wrapped'])} | {cell(brax.get('raw'))} | {cell(xml)} | {ratio} |"
         )
     return "\n".join(lines)
@@ -140,26 +145,45 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--brax", action="store_true", help="also Brax's built-in mjx envs")
     parser.add_argument("--xml", action="store_true", help="also ours with the XML's solver caps")
     parser.add_argument("--out", default="bench_envs.json", help="JSON results")
-    add_physics_arguments(parser)
+    add_physics_arguments(parser, several=("impl",))
     args = parser.parse_args(argv)
     options = physics_from_arguments(args)
+    impls = options.pop("impl", ["jax"])
+    for impl in impls:  # refuse a bad or missing backend before measuring anything
+        envs.PhysicsOptions(impl=impl)
     print(f"devices: {jax.devices()} | options: {options or 'task defaults'}", flush=True)
     results = []
-    for task in args.tasks:
-        for n in args.num_envs:
-            row = {"task": task, "num_envs": n, "steps": args.steps, "options": options,
-                   "ours": bench_ours(task, n, args.steps, options)}  # fmt: skip
-            if args.brax:
-                row["brax"] = bench_brax(task, n, args.steps)
-            if args.xml:
-                xml = {**options, "iterations": "xml", "ls_iterations": "xml"}
-                row["xml"] = bench_ours(task, n, args.steps, xml, stacks=("raw",))
-            results.append(row)
-            print(table([row]).splitlines()[-1], flush=True)
-            with open(args.out, "w") as f:  # rewritten after each row: nothing lost
-                json.dump({"device": str(jax.devices()[0]), "results": results}, f, indent=1)
+    for task, n, impl in itertools.product(args.tasks, args.num_envs, impls):
+        chosen = {**options, "impl": impl} if impl != "jax" else options
+        row = {"task": task, "num_envs": n, "steps": args.steps, "options": chosen,
+               "ours": bench_ours(task, n, args.steps, chosen)}  # fmt: skip
+        if args.brax:
+            row["brax"] = bench_brax(task, n, args.steps)
+        if args.xml:
+            xml = {**options, "iterations": "xml", "ls_iterations": "xml"}
+            row["xml"] = bench_ours(task, n, args.steps, xml, stacks=("raw",))
+        results.append(row)
+        print(table([row]).splitlines()[-1], flush=True)
+        with open(args.out, "w") as f:  # rewritten after each row: nothing lost
+            json.dump({"device": str(jax.devices()[0]), "results": results}, f, indent=1)
     print(table(results))
+    if len(impls) > 1:
+        print(impl_table(results, impls))
     return results
+
+
+def impl_table(results: list[dict], impls: list[str]) -> str:
+    """Raw steps/s of each backend, and each against the first (``--impl jax warp``)."""
+    head = " | ".join(f"{i} raw steps/s" for i in impls)
+    ratios = " | ".join(f"{i} / {impls[0]}" for i in impls[1:])
+    lines = [f"| task | envs | {head} | {ratios} |", "|---|---|" + "---|" * (2 * len(impls) - 1)]
+    by = {(r["task"], r["num_envs"], r["options"].get("impl", "jax")): r for r in results}
+    for task, n in dict.fromkeys((r["task"], r["num_envs"]) for r in results):
+        rates = [by[task, n, i]["ours"]["raw"]["steps_per_s"] for i in impls]
+        cells = " | ".join(f"{x:,.0f}" for x in rates)
+        ratio = " | ".join(f"{x / rates[0]:.2f}x" for x in rates[1:])
+        lines.append(f"| {task} | {n:,} | {cells} | {ratio} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -372,6 +372,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, help="steps (per seed with --long; 200 / 2000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="fidelity.json")
+    parser.add_argument(
+        "--float32",
+        action="store_true",
+        help="run ours in float32 (MuJoCo Warp's only precision: compare impl=warp here)",
+    )
     long = parser.add_argument_group("the long held-out check of the solver caps (--long)")
     long.add_argument("--long", action="store_true")
     long.add_argument("--caps", nargs="+", default=list(CAP_LADDER), help="cheapest first")
@@ -393,7 +398,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "when the code, the policies or the records change)",
     )
     args = parser.parse_args(argv)
-    with jax.enable_x64(True):
+    with jax.enable_x64(not args.float32):
         return main_long(args) if args.long else main_short(args)
 
 

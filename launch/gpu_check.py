@@ -9,7 +9,9 @@ at any moment keeps what was measured. The phases, in order of value:
 
 * ``0``: versions (jax, jaxlib, mujoco, mujoco-mjx, ...), devices, memory, host;
 * ``a``: raw env steps/s, random actions, ``vmap`` + ``lax.scan``: every task at 4,096
-  envs, HalfCheetah and Ant at 1,024 and 16,384 (``launch/bench_envs.py``);
+  envs, HalfCheetah and Ant at 1,024 and 16,384 (``launch/bench_envs.py``); then, where
+  MuJoCo Warp is installed, every task under ``impl=warp`` at 4,096 and at 1,024 envs
+  (else the reason is recorded);
 * ``b``: the pipeline's overhead: env steps/s through the training loop with updates off
   against the raw wrapped env, at 4,096 envs (HalfCheetah, Ant; ``launch/bench_sac.py
   overhead``), and for the ``fast`` and ``parallel`` presets a chunk with updates on
@@ -107,6 +109,7 @@ class Plan:
     num_envs: int = 4096  # a and b
     size_tasks: tuple[str, ...] = ("HalfCheetah", "Ant")  # a: these also at ``sizes``
     sizes: tuple[int, ...] = (1024, 16384)
+    warp_sizes: tuple[int, ...] = (4096, 1024)  # a: every task under MuJoCo Warp too
     steps: int = 50  # a: rollout length
     overhead_tasks: tuple[str, ...] = ("HalfCheetah", "Ant")  # b
     task: str = "HalfCheetah"  # b's split, c and d
@@ -135,6 +138,7 @@ SMOKE = Plan(
     8,
     ("HalfCheetah",),
     (4, 16),
+    (8,),
     10,
     ("InvertedPendulum",),
     "InvertedPendulum",
@@ -245,8 +249,21 @@ class Jobs:
 
 
 def warp_available() -> bool:
-    """Whether the envs take ``impl`` (MuJoCo Warp, once its issue has landed)."""
-    return "impl" in {f.name for f in dataclasses.fields(envs.PhysicsOptions)}
+    """Whether MuJoCo Warp (``impl=warp``) is installed here."""
+    try:
+        envs.PhysicsOptions(impl="warp")
+    except ValueError:
+        return False
+    return True
+
+
+def warp_missing() -> dict:
+    """a, without MuJoCo Warp: the reason its measurements are absent."""
+    try:
+        envs.PhysicsOptions(impl="warp")
+    except ValueError as e:
+        raise Skip(str(e)) from None
+    raise Skip("MuJoCo Warp is installed")
 
 
 def build(plan: Plan) -> tuple[list[Item], Jobs]:
@@ -255,8 +272,12 @@ def build(plan: Plan) -> tuple[list[Item], Jobs]:
     first = [t for t in ("HalfCheetah", "Ant") if t in plan.tasks]
     raw = [(t, plan.num_envs, {}) for t in first + [t for t in plan.tasks if t not in first]]
     raw += [(t, n, {}) for t in plan.size_tasks for n in plan.sizes]
-    if warp_available():
-        raw += [(t, n, {"impl": "warp"}) for t, n, _ in raw[: len(plan.tasks)]]
+    if warp_available():  # both backends per task, at each of ``warp_sizes``
+        raw += [
+            (t, n, {"impl": "warp"}) for n in plan.warp_sizes for t, _, _ in raw[: len(plan.tasks)]
+        ]
+    else:
+        items.append(Item("a", "impl=warp", [], lambda check: warp_missing()))
     for task, n, options in raw:
         name = f"{task}@{n}" + "".join(f" {k}={v}" for k, v in options.items())
         args = functools.partial(rollout_args, task, n, **options)

@@ -16,6 +16,7 @@ from typing import IO
 
 import numpy as np
 
+from envs.base import OVERFLOW
 from mjxsac.cli import UserError, describe_os_error, quoted, write_atomic
 from mjxsac.config import Config
 from mjxsac.losses import ACTOR_METRICS
@@ -512,6 +513,8 @@ def chunk_summary(metrics: dict) -> dict[str, float]:
     actor_updates = m.pop("actor_updates", updated)
     episodes, returns = m.pop("episodes"), m.pop("episode_return_sum")
     out = {"train/reward": float(m.pop("reward").mean())}
+    if OVERFLOW in m:  # Warp: env steps whose contacts or constraints overflowed a budget
+        out["train/physics_overflows"] = float(m.pop(OVERFLOW).sum())
     if episodes.sum() > 0:
         out["train/episode_return"] = float(returns.sum() / episodes.sum())
     for k, v in m.items():

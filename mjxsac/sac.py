@@ -117,6 +117,9 @@ class Trainer:
         self.local_envs, self.local_capacity = c.num_envs // shards, c.buffer_size // shards
         self.local_batch, self.local_eval_envs = c.batch_size // shards, c.eval_envs // shards
         self.env = envs.make(c.env, **c.env_kwargs())
+        # Every physics call steps all of a device's members' envs as one batch.
+        local_members = len(self.members) // self.mesh.shape[MEMBER]
+        self.env.reserve(local_members * max(self.local_envs, self.local_eval_envs))
         self.train_env = envs.wrap(self.env, self.local_envs, c.episode_length, compact=True)
         limited = envs.TimeLimit(self.env, c.episode_length)
         self.eval_env = envs.VmapEnv(limited, self.local_eval_envs, compact=True)
@@ -418,6 +421,8 @@ class Trainer:
             "episodes": jnp.sum(done),
             "episode_return_sum": jnp.sum(jnp.where(done, episode_return, 0.0)),
         }
+        if envs.OVERFLOW in env_state.metrics:  # Warp: steps that overflowed a budget
+            sums[envs.OVERFLOW] = jnp.sum(env_state.metrics[envs.OVERFLOW])
         mean_reward = self.across_envs(jax.lax.pmean, jnp.mean(env_state.reward))
         return state, {**self.across_envs(jax.lax.psum, sums), "reward": mean_reward}
 

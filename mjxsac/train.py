@@ -134,6 +134,12 @@ def train(
                 "chunk_s": round(seconds, 3),
             }
             rows = [{**base, **row} for row in rows]
+            overflows = sum(row.get("train/physics_overflows", 0.0) for row in rows)
+            if overflows:  # sized from the batch, so not expected: never silent
+                progress.message(
+                    f"warning: {overflows:.0f} env steps of chunk {chunk + 1} overflowed MuJoCo "
+                    "Warp's contact or constraint budget (contacts were dropped)"
+                )
             last = chunk + 1 == c.num_chunks
             eval_returns = None
             if (chunk + 1) % c.eval_every == 0 or last:

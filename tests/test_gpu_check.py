@@ -1,8 +1,9 @@
 """The GPU check (``launch/gpu_check.py``) in its CPU smoke mode, kept cheap: one raw
-rollout of InvertedPendulum, compiled ahead by a child process and loaded from the shared
-compilation cache by the measuring process; the later phases are given budgets the run
-cannot hold, so they must be skipped and recorded, not crash it. The report must keep its
-keys. (Phase e's saving and loading is tested on a trained run in tests/test_runs.py.)"""
+rollout of InvertedPendulum per physics backend (JAX, MuJoCo Warp), compiled ahead by a
+child process and loaded from the shared compilation cache by the measuring process; the
+later phases are given budgets the run cannot hold, so they must be skipped and recorded,
+not crash it. The report must keep its keys. (Phase e's saving and loading is tested on a
+trained run in tests/test_runs.py.)"""
 
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ def test_smoke_report_records_measurements_and_skips_what_the_budget_cannot_hold
     job = report["compile"]["jobs"]["a/InvertedPendulum@8"]
     assert job["status"] == "done" and job["programs_s"]["rollout"] > 0, job
     assert raw["programs"]["loaded"] > 0
+    warp = phases["a"]["items"]["InvertedPendulum@8 impl=warp"]  # (the test extra has Warp)
+    assert warp["status"] == "ok" and warp["result"]["steps_per_s"] > 0, warp
 
     # b, c, d: over budget, skipped with the reason; e: nothing to save
     for key in "bcd":
