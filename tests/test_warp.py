@@ -16,7 +16,7 @@ import pytest
 import envs
 from envs import base
 from envs.base import PhysicsOptions
-from envs.parity import one_step_outputs, one_step_parity, record_one_step
+from envs.parity import one_step_parity, record_one_step
 from mjxsac import render
 from mjxsac import train as train_cli
 from mjxsac.runlog import RunDir
@@ -50,9 +50,9 @@ def test_impl_warp_without_the_extra_is_refused_naming_the_install(monkeypatch, 
 
 @pytest.mark.parametrize("task", envs.NAMES)
 def test_warp_matches_gymnasium_in_float32(task):
-    """Every task but Ant within float32 rounding of C MuJoCo. Ant keeps the contact error
-    that the JAX impl's corrections fix (they cannot run under Warp): Warp's step agrees
-    with the uncorrected JAX impl's (``faithful=false``) instead, and terminations agree."""
+    """Every task but Ant within float32 rounding of C MuJoCo; Ant with the contact error
+    that the JAX impl's corrections fix (they cannot run under Warp), in its measured band.
+    Terminations agree everywhere."""
     record = record_one_step(task, 100, seed=0, physics=REFERENCE.get(task))
     env = envs.make(task, impl="warp")
     assert env.physics.faithful is False and env.impl == "warp"
@@ -63,12 +63,11 @@ def test_warp_matches_gymnasium_in_float32(task):
     if task != "Ant":
         assert relative.max() < RELATIVE_OBS, relative.max()
         return
-    # Measured over 200 steps: relative 0.27 against Gymnasium, on 42% of the steps > 1e-3.
-    assert relative.max() > 1e-2
-    plain = one_step_outputs(envs.make("Ant", faithful=False), record)
-    ours = one_step_outputs(env, record)
-    gap = np.abs(ours["obs"] - plain["obs"]).max(axis=1) / scale
-    assert np.median(gap) < 1e-4 and np.median(gap) < 0.01 * np.median(relative), np.median(gap)
+    # Ant keeps the contact-tangent error: measured over 200 steps, relative 0.27 at most,
+    # on 42% of the steps above 1e-3 (the same figures as plain mjx.step's, and 3.8e-4, on
+    # no step, for the corrected JAX impl's).
+    assert 0.05 < relative.max() < 1.0, relative.max()
+    assert 0.2 < (diffs["obs"].max(axis=1) > 1e-3).mean() < 0.7
 
 
 def test_contact_budget_covers_the_batch_and_overflow_is_counted():
@@ -98,8 +97,8 @@ def test_contact_budget_covers_the_batch_and_overflow_is_counted():
 
 
 # Short chunks and episodes: on a CPU Warp costs ~18 ms per batched physics step.
-BASE = ["--env", "InvertedPendulum", "--preset", "cpu", "--warmup-steps", "400",
-        "--steps-per-chunk", "50", "--episode-length", "50", "--env-options", "impl=warp",
+BASE = ["--env", "InvertedPendulum", "--preset", "cpu", "--warmup-steps", "200",
+        "--steps-per-chunk", "25", "--episode-length", "25", "--env-options", "impl=warp",
         "--seeds", "0-1", "--checkpoint-every", "1", "--save-buffer"]  # fmt: skip
 
 
@@ -107,9 +106,9 @@ def test_warp_population_trains_resumes_exactly_and_renders(tmp_path, capsys):
     """Two seeds under Warp, in one program: the uninterrupted run and one stopped after
     a chunk and resumed end in the same state; no step overflowed; the policy renders."""
     full, stopped = tmp_path / "full", tmp_path / "stopped"
-    train_cli.main([*BASE, "--run-dir", str(full), "--total-steps", "1600"])
-    train_cli.main([*BASE, "--run-dir", str(stopped), "--total-steps", "800"])
-    train_cli.main(["--resume", str(stopped), "--total-steps", "1600"])
+    train_cli.main([*BASE, "--run-dir", str(full), "--total-steps", "800"])
+    train_cli.main([*BASE, "--run-dir", str(stopped), "--total-steps", "400"])
+    train_cli.main(["--resume", str(stopped), "--total-steps", "800"])
     a, b = final_state(full), final_state(stopped)
     assert all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b))), "resume differs"
     # (the stopped run also evaluated at its last chunk, the first)
