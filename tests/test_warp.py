@@ -124,3 +124,19 @@ def test_warp_population_trains_resumes_exactly_and_renders(tmp_path, capsys):
                  "--width", "64", "--height", "48"])  # fmt: skip
     assert out.stat().st_size > 0
     assert f"wrote {out} (21 frames" in capsys.readouterr().out
+
+
+def test_a_budget_overflow_in_training_is_counted_and_printed(monkeypatch, tmp_path, capsys):
+    """Never silent: with Warp's contact budget forced to one contact for all worlds,
+    Hopper's first chunk overflows; the run log counts the steps and the console says so."""
+    monkeypatch.setattr(base, "_warp_budget", lambda model: (0, 64))
+    run_dir = tmp_path / "overflow"
+    train_cli.main(["--env", "Hopper", "--preset", "cpu", "--env-options", "impl=warp",
+                    "--num-envs", "4", "--eval-envs", "2", "--steps-per-chunk", "5",
+                    "--episode-length", "5", "--warmup-steps", "20", "--total-steps", "20",
+                    "--updates-per-step", "0",
+                    "--run-dir", str(run_dir)])  # fmt: skip
+    (row,) = RunDir(run_dir).read_metrics()
+    assert row["train/physics_overflows"] > 0
+    out = capsys.readouterr().out
+    assert "env steps of chunk 1 overflowed MuJoCo Warp's contact or constraint budget" in out
