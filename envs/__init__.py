@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import math
 
-from envs.base import IMPLS, OVERFLOW, Env, PhysicsOptions, State, scale_action
+from envs.base import OVERFLOW, Env, PhysicsOptions, State, scale_action
 from envs.wrappers import AutoReset, TimeLimit, VmapEnv, Wrapper, desynchronize, wrap
 
 _MODULES = {
@@ -86,7 +86,6 @@ def make(name: str, **overrides) -> Env:
 
 
 __all__ = [
-    "IMPLS",
     "NAMES",
     "OVERFLOW",
     "AutoReset",

@@ -272,8 +272,8 @@ class Env:
             )
             self._warp_budget = _warp_budget(model)
         self.sim = Physics(step_model, self.physics.faithful)
-        self.worlds = 0
-        self.reserve(1)  # Data straight after mj_resetData: qpos0, zero velocities, warmstart
+        self.worlds = 1
+        self._data0 = self._template()  # after mj_resetData: qpos0, zero velocities, warmstart
         self.init_qpos = jnp.asarray(model.qpos0, self._data0.qpos.dtype)
         self.init_qvel = jnp.zeros(model.nv, self._data0.qvel.dtype)
         self.action_low = np.asarray(model.actuator_ctrlrange[:, 0], np.float32)
@@ -288,14 +288,16 @@ class Env:
         the run, training and evaluation, members included). Only Warp needs it: its
         contact budget (``naconmax``) is shared by all the worlds of a call. It grows only;
         call it before tracing the functions that step that many envs."""
-        if worlds <= self.worlds:
-            return
-        self.worlds = int(worlds)
+        if self.impl == "warp" and worlds > self.worlds:
+            self.worlds = int(worlds)
+            self._data0 = self._template()
+
+    def _template(self) -> mjx.Data:
+        """A fresh ``Data`` for ``worlds`` envs per call (Warp's budgets)."""
         if self.impl == "jax":
-            self._data0 = mjx.make_data(self.mjx_model, device=local_device())
-            return
+            return mjx.make_data(self.mjx_model, device=local_device())
         contacts, rows = self._warp_budget
-        self._data0 = mjx.make_data(
+        return mjx.make_data(
             self.mj_model,
             device=local_device(),
             impl="warp",

@@ -157,10 +157,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         chosen = {**options, "impl": impl} if impl != "jax" else options
         row = {"task": task, "num_envs": n, "steps": args.steps, "options": chosen,
                "ours": bench_ours(task, n, args.steps, chosen)}  # fmt: skip
-        if args.brax:
+        if args.brax and impl == impls[0]:  # (Brax's envs once per task and size)
             row["brax"] = bench_brax(task, n, args.steps)
         if args.xml:
-            xml = {**options, "iterations": "xml", "ls_iterations": "xml"}
+            xml = {**chosen, "iterations": "xml", "ls_iterations": "xml"}
             row["xml"] = bench_ours(task, n, args.steps, xml, stacks=("raw",))
         results.append(row)
         print(table([row]).splitlines()[-1], flush=True)

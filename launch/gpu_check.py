@@ -248,22 +248,17 @@ class Jobs:
         return self.add(phase, name, lambda: compile_trainer(config, self._evaluate[name]))
 
 
-def warp_available() -> bool:
-    """Whether MuJoCo Warp (``impl=warp``) is installed here."""
-    try:
-        envs.PhysicsOptions(impl="warp")
-    except ValueError:
-        return False
-    return True
-
-
-def warp_missing() -> dict:
-    """a, without MuJoCo Warp: the reason its measurements are absent."""
+def warp_refusal() -> str | None:
+    """Why MuJoCo Warp (``impl=warp``) cannot run here, or None where it can."""
     try:
         envs.PhysicsOptions(impl="warp")
     except ValueError as e:
-        raise Skip(str(e)) from None
-    raise Skip("MuJoCo Warp is installed")
+        return str(e)
+    return None
+
+
+def skip(reason: str) -> dict:
+    raise Skip(reason)
 
 
 def build(plan: Plan) -> tuple[list[Item], Jobs]:
@@ -272,12 +267,13 @@ def build(plan: Plan) -> tuple[list[Item], Jobs]:
     first = [t for t in ("HalfCheetah", "Ant") if t in plan.tasks]
     raw = [(t, plan.num_envs, {}) for t in first + [t for t in plan.tasks if t not in first]]
     raw += [(t, n, {}) for t in plan.size_tasks for n in plan.sizes]
-    if warp_available():  # both backends per task, at each of ``warp_sizes``
+    refusal = warp_refusal()
+    if refusal is None:  # both backends per task, at each of ``warp_sizes``
         raw += [
             (t, n, {"impl": "warp"}) for n in plan.warp_sizes for t, _, _ in raw[: len(plan.tasks)]
         ]
     else:
-        items.append(Item("a", "impl=warp", [], lambda check: warp_missing()))
+        items.append(Item("a", "impl=warp", [], lambda check: skip(refusal)))
     for task, n, options in raw:
         name = f"{task}@{n}" + "".join(f" {k}={v}" for k, v in options.items())
         args = functools.partial(rollout_args, task, n, **options)
@@ -567,11 +563,9 @@ def versions() -> dict:
             ["git", "-C", str(Path(__file__).parent), "describe", "--always", "--dirty"]
         ),
         "imports_s": IMPORTED - STARTED,
-        "warp": "measured in a"
-        if warp_available()
-        else "not measured: the envs have no impl option yet (the Warp issue has not landed)",
-        "scale_out": f"{len(jax.devices())} device(s); every mode on all devices is not "
-        "measured: the scale-out issue has not landed",
+        "warp": "measured in a" if warp_refusal() is None else f"not measured: {warp_refusal()}",
+        "scale_out": f"{len(jax.devices())} device(s); "
+        + ("every mode on all of them measured in d" if len(jax.devices()) > 1 else "one"),
     }
 
 
